@@ -1,0 +1,46 @@
+"""Locate the extension's resources (models, samples, terminology, UI) and the user's model folder.
+
+Works from the source tree (``<repo>/KDSegmentation/KDSegmentationLib`` with ``<repo>/Resources``) and from the
+extension build, where ``Resources/`` is installed beside the module's Python files. ``KDSEG_RESOURCES`` overrides.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_LIB_DIR = Path(__file__).resolve().parent
+
+
+def resources_dir() -> Path:
+    env = os.environ.get("KDSEG_RESOURCES")
+    candidates = [Path(env)] if env else []
+    candidates += [_LIB_DIR.parent / "Resources", _LIB_DIR.parent.parent / "Resources"]
+    for c in candidates:
+        if (c / "Models").is_dir() or (c / "Samples").is_dir():
+            return c
+    raise FileNotFoundError(
+        "KDSegmentation resources not found (looked in " + ", ".join(str(c) for c in candidates) + "); "
+        "set KDSEG_RESOURCES to the extension's Resources folder")
+
+
+def shipped_models_dir() -> Path:
+    return resources_dir() / "Models"
+
+
+def samples_dir() -> Path:
+    return resources_dir() / "Samples"
+
+
+def terminology_dir() -> Path:
+    return resources_dir() / "Terminology"
+
+
+def user_models_dir() -> Path:
+    """Where locally distilled models go (never inside the installed extension, which may be read-only)."""
+    env = os.environ.get("KDSEG_USER_MODELS")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or (Path.home() / ".local" / "share")
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA", str(Path.home()))
+    return Path(base) / "KDSegmentation" / "models"

@@ -1,0 +1,34 @@
+"""Shared fixtures. Real-data tests use ../shared/data beside the checkout and skip with a reason when it is absent."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIB_PARENT = REPO / "KDSegmentation"
+if str(LIB_PARENT) not in sys.path:
+    sys.path.insert(0, str(LIB_PARENT))
+
+SHARED_DATA = Path(os.environ.get("KDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Path to the real-data folder; skips the test when it is not present (a user's machine)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not available at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"real data not available: {path}")
+    return path
