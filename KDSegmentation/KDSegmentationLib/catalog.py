@@ -1,0 +1,42 @@
+"""The model catalogue: shipped models (``Resources/Models``) and locally distilled ones (the user's folder)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+from .errors import InputError
+from .modelfile import read_header
+from .resources import shipped_models_dir, user_models_dir
+
+
+def _entries(folder: Path, source: str) -> List[Dict]:
+    out = []
+    if not folder.is_dir():
+        return out
+    for path in sorted(folder.glob("*.kdseg.pt")):
+        try:
+            header = read_header(path)
+        except InputError as exc:
+            out.append({"name": path.name[:-len(".kdseg.pt")], "path": str(path), "source": source, "task": "?",
+                        "role": "?", "error": str(exc), "card": {}})
+            continue
+        out.append({"name": path.name[:-len(".kdseg.pt")], "path": str(path), "source": source,
+                    "task": header.get("task"), "role": header.get("role"), "version": header.get("version"),
+                    "arch": header.get("arch"), "card": header.get("card", {})})
+    return out
+
+
+def list_models() -> List[Dict]:
+    try:
+        shipped = shipped_models_dir()
+    except FileNotFoundError:
+        shipped = None
+    entries = _entries(shipped, "shipped") if shipped else []
+    return entries + _entries(user_models_dir(), "local")
+
+
+def find_model(name: str) -> Dict:
+    for e in list_models():
+        if e["name"] == name or Path(e["path"]).name == name:
+            return e
+    raise InputError(f"no model named '{name}'; run 'kdseg models list'")

@@ -1,0 +1,401 @@
+"""The ``kdseg`` command line (contract in the project's design notes; keep it stable, extend it compatibly).
+
+Exit codes: 0 success; 2 bad input (one line on stderr, and an ``error`` event with ``--progress json``);
+130/143 cancelled by SIGINT/SIGTERM; 1 unexpected internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import CancelledError, InputError
+
+OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# argument helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_seed(text: Optional[str]):
+    if text is None:
+        return None
+    parts = text.replace(";", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v != v for v in values):
+        raise InputError(f"--seed-ras must be three numbers X,Y,Z in RAS millimetres (got {text!r})")
+    return tuple(values)
+
+
+def check_output_path(path: str) -> Path:
+    out = Path(path)
+    if not str(out).lower().endswith(OUTPUT_SUFFIXES):
+        raise InputError(f"output {out} must end with one of {', '.join(OUTPUT_SUFFIXES)} "
+                         "(.seg.nrrd gives a Slicer segmentation)")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise InputError(f"output folder {parent} does not exist; create it or choose another --output")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"output folder {parent} is not writable; choose another --output")
+    if out.is_dir():
+        raise InputError(f"output {out} is a folder; give a file name such as {out / 'result.seg.nrrd'}")
+    return out
+
+
+def set_threads(threads: Optional[int]) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# segment
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_segment(task_name: str, input_path: str, output_path: str, model: str = "student", device: str = "auto",
+                seed_ras=None, threads: Optional[int] = None, progress=None) -> dict:
+    """Segment one image and write the result; returns the summary (the ``result`` event's payload)."""
+    from .progress import Progress
+    from .tasks import get_task
+
+    progress = progress or Progress("none")
+    t_start = time.perf_counter()
+    task = get_task(task_name)
+    out = check_output_path(output_path)
+    if task.needs_seed and seed_ras is None:
+        raise InputError(f"task {task.name} needs --seed-ras X,Y,Z (a point inside the nodule, RAS mm as shown "
+                         "in Slicer)")
+    if not Path(input_path).exists():
+        raise InputError(f"input {input_path} does not exist; give an image file or a DICOM folder")
+
+    from .infer import load_task_model, pick_device, resolve_model, segment_image
+
+    resolve_model(task, model)  # a missing model is said before any slow work
+    from .imageio import check_image_for_task, read_image
+    from .segio import write_segmentation
+
+    timings = {}
+    t0 = time.perf_counter()
+    progress.progress("reading", 0.0)
+    image = read_image(input_path, warn=lambda m: progress.log(m, "warning"))
+    warnings = list(check_image_for_task(image, task) or [])
+    for w in warnings:
+        progress.log(w, "warning")
+    timings["read"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    set_threads(threads)
+    dev = pick_device(device)
+    loaded = load_task_model(task, model, dev)
+    timings["model_load"] = time.perf_counter() - t0
+
+    result = segment_image(image, task, loaded, dev, seed_ras=seed_ras,
+                           progress=lambda stage, f: progress.progress(stage, f))
+    timings.update(result.timings)
+    for w in result.warnings:
+        progress.log(w, "warning")
+
+    t0 = time.perf_counter()
+    progress.progress("writing", 0.0)
+    write_segmentation(result.labelmap, task, out)
+    timings["write"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    summary = {"task": task.name, "input": str(input_path), "path": str(out),
+               "model": loaded.header.get("card", {}).get("name", Path(loaded.path).name),
+               "device": str(dev), "segments": result.stats, "warnings": warnings + result.warnings,
+               "timings_s": {k: round(v, 3) for k, v in timings.items()}}
+    progress.progress("done", 1.0)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['task']}: {summary['input']} -> {summary['path']}  "
+             f"({summary['timings_s']['total']:.2f} s, {summary['model']} on {summary['device']})"]
+    for name, st in summary["segments"].items():
+        if "volume_ml" in st:
+            extra = f", longest diameter {st['longest_diameter_mm']} mm" if "longest_diameter_mm" in st else ""
+            lines.append(f"    {name}: {st['volume_ml']:.1f} mL{extra}")
+        else:
+            lines.append(f"    {name}: {st['area_px']} px ({100 * st['fraction_of_fov']:.1f}% of the field of view)")
+    for w in summary.get("warnings", []):
+        lines.append(f"    warning: {w}")
+    return "\n".join(lines)
+
+
+def cmd_segment(args) -> int:
+    from .progress import Progress
+
+    progress = Progress(args.progress)
+    summary = run_segment(args.task, args.input, args.output, model=args.model, device=args.device,
+                          seed_ras=parse_seed(args.seed_ras), threads=args.threads, progress=progress)
+    if progress.mode == "json":
+        progress.result(**summary)
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample / demo
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_sample(args) -> int:
+    from .samples import write_sample
+
+    info = write_sample(args.task, Path(args.output))
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on the bundled samples: segment each with its student and print a summary."""
+    from .samples import list_samples, write_sample
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [args.task] if args.task else list_samples()
+    for name in tasks:
+        info = write_sample(name, out_dir / "inputs")
+        seed = info.get("seed_ras")
+        out = out_dir / f"{name}.seg.nrrd"
+        summary = run_segment(name, info["path"], str(out), model=args.model, device=args.device,
+                              seed_ras=tuple(seed) if seed else None, threads=args.threads)
+        print(format_summary(summary), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from .catalog import find_model, list_models
+
+    if args.action == "show":
+        if not args.name:
+            raise InputError("'kdseg models show' needs a model name (see 'kdseg models list')")
+        entry = find_model(args.name)
+        print(json.dumps(entry, indent=2))
+        return 0
+    entries = list_models()
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        if not entries:
+            print("no models installed")
+        for e in entries:
+            card = e.get("card", {})
+            print(f"{e['name']:<40} {e['task']:<12} {e['role']:<8} {e['source']:<7} "
+                  f"{card.get('parameters', '?')} params")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_dataset, evaluate_pair
+
+    if args.pred and args.ref:
+        result = evaluate_pair(args.task, args.pred, args.ref)
+    elif args.data:
+        result = evaluate_dataset(args.task, args.data, model=args.model, device=args.device, split=args.split,
+                                  threads=args.threads, progress_mode=args.progress)
+    else:
+        raise InputError("kdseg evaluate needs either --pred and --ref, or --data DIR")
+    text = json.dumps(result, indent=2)
+    if args.output:
+        from .evaluation import write_json_atomic
+
+        write_json_atomic(result, Path(args.output))
+    print(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# persistent worker
+# ---------------------------------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    """Persistent worker: one JSON request per stdin line, events on stdout tagged with the request id.
+
+    Request: {"id": 1, "command": "segment", "task": ..., "input": ..., "output": ..., "model": ...,
+    "device": ..., "seed_ras": [x, y, z]}; {"command": "quit"} or end of input stops the worker. Start-up
+    (imports, model load) is paid once per session instead of once per run.
+    """
+    from .progress import Progress
+
+    import torch  # noqa: F401  (import once, up front: that is the point of the worker)
+
+    set_threads(args.threads)
+    out = sys.stdout
+    out.write(json.dumps({"event": "log", "level": "info", "message": "ready"}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError:
+            out.write(json.dumps({"event": "error", "message": "request is not valid JSON"}) + "\n")
+            out.flush()
+            continue
+        if req.get("command") == "quit":
+            break
+        progress = _TaggedProgress(req.get("id"), out)
+        try:
+            if req.get("command") != "segment":
+                raise InputError(f"unknown command {req.get('command')!r}; the worker understands segment, quit")
+            seed = req.get("seed_ras")
+            summary = run_segment(req["task"], req["input"], req["output"], model=req.get("model", "student"),
+                                  device=req.get("device", "auto"), seed_ras=tuple(seed) if seed else None,
+                                  progress=progress)
+            progress.result(**summary)
+        except InputError as exc:
+            progress.error(str(exc))
+        except KeyError as exc:
+            progress.error(f"request is missing {exc}")
+        except Exception as exc:  # keep the worker alive for the next request
+            progress.error(f"internal error: {type(exc).__name__}: {exc}")
+    return 0
+
+
+class _TaggedProgress:
+    def __init__(self, request_id, stream):
+        from .progress import Progress
+
+        self._p = Progress("json", stream=_TagStream(request_id, stream))
+
+    def __getattr__(self, name):
+        return getattr(self._p, name)
+
+
+class _TagStream:
+    def __init__(self, request_id, stream):
+        self.request_id = request_id
+        self.stream = stream
+
+    def write(self, text):
+        for line in text.splitlines():
+            if line.strip():
+                obj = json.loads(line)
+                obj["id"] = self.request_id
+                self.stream.write(json.dumps(obj) + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# parser and main
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tasks import TASKS
+
+    p = argparse.ArgumentParser(prog="kdseg", description="Fast distilled segmentation of liver, lung nodule and "
+                                "retinal vessels; teacher training and local distillation.")
+    sub = p.add_subparsers(dest="command", required=True)
+    task_names = list(TASKS)
+
+    s = sub.add_parser("segment", help="segment one image or DICOM folder")
+    s.add_argument("--task", required=True, choices=task_names)
+    s.add_argument("--input", required=True, help="image file (NRRD, NIfTI, MHA, PNG, JPG, TIFF...) or DICOM folder")
+    s.add_argument("--output", required=True, help="OUT.seg.nrrd (Slicer segmentation) or OUT.nii.gz (labelmap)")
+    s.add_argument("--model", default="student", help="student (default), teacher, a model file or a local name")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--seed-ras", help="X,Y,Z point in RAS mm (lung_nodule)")
+    s.add_argument("--threads", type=int, help="CPU threads for torch")
+    s.add_argument("--progress", default="auto", choices=["auto", "json", "bar", "none"])
+    s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("sample", help="write the bundled sample input of a task")
+    s.add_argument("--task", required=True, choices=task_names)
+    s.add_argument("--output", required=True, help="folder")
+    s.set_defaults(func=cmd_sample)
+
+    s = sub.add_parser("demo", help="segment the bundled samples with the shipped students and print a summary")
+    s.add_argument("--task", choices=task_names, help="only this task (default: all)")
+    s.add_argument("--output", default="kdseg-demo", help="folder for the inputs and results")
+    s.add_argument("--model", default="student")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("evaluate", help="metrics of one prediction, or of a model over a dataset")
+    s.add_argument("--task", required=True, choices=task_names)
+    s.add_argument("--pred", help="predicted segmentation (.seg.nrrd or labelmap)")
+    s.add_argument("--ref", help="reference segmentation or labelmap")
+    s.add_argument("--data", help="dataset folder (any supported layout)")
+    s.add_argument("--split", default="test", help="which split of the dataset to evaluate (test, val, train, all)")
+    s.add_argument("--model", default="student")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int)
+    s.add_argument("--output", help="also write the metrics JSON here")
+    s.add_argument("--progress", default="auto", choices=["auto", "json", "bar", "none"])
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("models", help="list installed and locally distilled models, or show one's card")
+    s.add_argument("action", nargs="?", default="list", choices=["list", "show"])
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("serve", help="persistent worker: JSON requests on stdin, JSON events on stdout")
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_serve)
+
+    try:
+        from .train_cli import add_subcommands
+    except ImportError:
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    json_mode = getattr(args, "progress", None) == "json"
+    try:
+        return int(args.func(args) or 0)
+    except InputError as exc:
+        _report_error(str(exc), json_mode)
+        return 2
+    except CancelledError as exc:
+        _report_error(f"cancelled: {exc}" if str(exc) else "cancelled", json_mode)
+        return 130
+    except KeyboardInterrupt:
+        _report_error("cancelled", json_mode)
+        return 130
+    except MemoryError:
+        _report_error("out of memory; use a machine with more memory, a smaller image, or --device cuda", json_mode)
+        return 2
+    except Exception as exc:
+        if os.environ.get("KDSEG_DEBUG"):
+            raise
+        _report_error(f"internal error: {type(exc).__name__}: {exc} (set KDSEG_DEBUG=1 for a traceback)", json_mode)
+        return 1
+
+
+def _report_error(message: str, json_mode: bool) -> None:
+    message = " ".join(message.split())  # one line, always
+    if json_mode:
+        print(json.dumps({"event": "error", "message": message}), flush=True)
+    print(f"kdseg: error: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

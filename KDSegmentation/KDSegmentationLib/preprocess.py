@@ -1,0 +1,111 @@
+"""Task preprocessing shared by training and inference, each step with its exact inverse.
+
+CT (liver): the volume is resampled to ``task.spacing_mm`` keeping origin and direction (so the model grid is the
+input grid with another spacing) and windowed to [0, 1] with ``task.hu_window``; predictions go back to the input grid
+with :func:`geometry.resample_like`.
+Fundus (retina): the photo is rescaled so that its field of view is ``task.fov_diameter_px`` wide, then
+contrast-normalised inside the field of view; probabilities are resized back to the photo.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from .tasks import TaskSpec
+
+
+@dataclass
+class PreparedVolume:
+    hu: np.ndarray          # int16 (z, y, x) HU on the model grid
+    grid: object            # SimpleITK.Image: the model grid (geometry reference for labels and the inverse)
+    original: object        # SimpleITK.Image: the input grid (geometry only is used)
+
+
+@dataclass
+class PreparedPhoto:
+    rgb: np.ndarray                   # uint8 (h, w, 3) rescaled photo
+    fov: np.ndarray                   # bool (h, w) field of view on the rescaled photo
+    scale: float                      # rescaled size / original size
+    original_shape: Tuple[int, int]   # (H, W) of the input photo
+
+
+def prepare_ct_volume(image, task: TaskSpec) -> PreparedVolume:
+    """Resample a CT (any direction, HU) to the task's model spacing; linear interpolation, air outside."""
+    import SimpleITK as sitk
+
+    from .geometry import resample_to_spacing
+
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    grid = resample_to_spacing(image, task.spacing_mm, interpolator="linear", default_value=-1024.0)
+    hu = sitk.GetArrayFromImage(grid)
+    hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return PreparedVolume(hu=hu, grid=grid, original=image)
+
+
+def prepare_ct_label(label, prepared: PreparedVolume) -> np.ndarray:
+    """Labelmap (on the input grid) -> uint8 (z, y, x) on the model grid (nearest neighbour)."""
+    import SimpleITK as sitk
+
+    from .geometry import resample_like
+
+    lab = resample_like(sitk.Cast(label, sitk.sitkUInt8), prepared.grid, interpolator="nearest")
+    return sitk.GetArrayFromImage(lab).astype(np.uint8)
+
+
+def ct_window(hu: np.ndarray, task: TaskSpec) -> np.ndarray:
+    """HU -> float32 [0, 1] with the task's window (values outside are clipped)."""
+    lo, hi = task.hu_window
+    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def probabilities_to_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on the model grid -> (C, Z, Y, X) on the input grid (linear).
+
+    Interpolating probabilities (not labels) keeps boundaries sub-voxel accurate when the model grid is coarser.
+    """
+    import SimpleITK as sitk
+
+    from .geometry import resample_like
+
+    out = []
+    for c in range(prob_zyx.shape[0]):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(prob_zyx[c], dtype=np.float32))
+        img.CopyInformation(prepared.grid)
+        out.append(sitk.GetArrayFromImage(resample_like(img, prepared.original, interpolator="linear",
+                                                         default_value=1.0 if c == 0 else 0.0)))
+    return np.stack(out)
+
+
+def prepare_fundus(rgb: np.ndarray, task: TaskSpec, fov: Optional[np.ndarray] = None) -> PreparedPhoto:
+    """Photo (H, W, 3) uint8 -> rescaled to the task's field-of-view diameter."""
+    from .fundus import fov_mask, rescale_to_fov
+
+    if fov is None:
+        fov = fov_mask(rgb)
+    rgb_s, fov_s, scale = rescale_to_fov(rgb, fov, task.fov_diameter_px)
+    return PreparedPhoto(rgb=rgb_s, fov=fov_s.astype(bool), scale=float(scale), original_shape=rgb.shape[:2])
+
+
+def prepare_fundus_label(label: np.ndarray, prepared: PreparedPhoto) -> np.ndarray:
+    """Vessel mask (H, W) -> uint8 (h, w) on the rescaled photo (thin vessels: resize as float, threshold 0.5)."""
+    from PIL import Image
+
+    h, w = prepared.rgb.shape[:2]
+    lab = Image.fromarray((label > 0).astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
+    return (np.asarray(lab) >= 0.5).astype(np.uint8)
+
+
+def fundus_input(rgb: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Network input (3, h, w) float32: camera-independent contrast normalisation inside the field of view."""
+    from .fundus import normalise_fundus
+
+    return normalise_fundus(rgb, fov)
+
+
+def probabilities_to_photo(prob_hw: np.ndarray, prepared: PreparedPhoto) -> np.ndarray:
+    """Foreground probability (h, w) on the rescaled photo -> (H, W) on the input photo."""
+    from .fundus import restore_from_fov
+
+    return restore_from_fov(prob_hw, prepared.original_shape)
