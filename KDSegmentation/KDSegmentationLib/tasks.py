@@ -106,10 +106,13 @@ LUNG_NODULE = _register(TaskSpec(
               Terminology(_ALTERED, ("SCT", "27925004", "Nodule"), region=("SCT", "39607008", "Lung"))),
     ),
     spacing_mm=None,            # crops are at the scan's native in-plane spacing
-    hu_window=(-1000.0, 400.0),  # 8-bit mapping of the LIDC-IDRI slice crops; refined from the HU slabs
+    # Only a clip: the LIDC-IDRI crops were made by a per-slice min-max of each 128x128 window (docs/lidc_window.md),
+    # so inference clips to the 12-bit CT range (drops -2048/-3024 padding) and then min-max scales each slice.
+    hu_window=(-1024.0, 3071.0),
     roi_size=(128, 128),
     needs_seed=True,
     seed_region_mm=40.0,        # half-height of the slab (mm, along z) searched around the seed
+    extra={"intensity": "per-slice min-max after clipping to hu_window"},
 ))
 
 RETINA = _register(TaskSpec(

@@ -1,0 +1,240 @@
+"""Colour fundus photograph preprocessing: field of view (FOV), scale and camera-independent contrast.
+
+Arrays are (H, W, 3) uint8 RGB photos, (H, W) bool masks and (3, H, W) float32 network inputs; sizes are pixels.
+Every scale-dependent parameter is a fraction of the FOV diameter, so a photo gives the same normalised image at any
+resolution and from any camera once it is rescaled to the model's FOV diameter.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# FOV threshold between the dark surround and the retina, as a fraction of the way from one level to the other.
+FOV_LEVEL_FRACTION = 0.25
+# Background (illumination) estimate: Gaussian sigma as a fraction of the FOV diameter. 1/50 is about 11 px at
+# DRIVE's 540 px FOV: wider than the widest vessels (~12 px), small enough to follow vignetting and the optic disc.
+BACKGROUND_SIGMA = 1.0 / 50.0
+# Local contrast (standard deviation) estimate: sigma as a fraction of the FOV diameter.
+CONTRAST_SIGMA = 1.0 / 12.0
+# Local contrast is floored at this fraction of its median in the FOV so that flat dark areas are not blown up.
+CONTRAST_FLOOR = 0.5
+# The FOV rim is dim and blurred on every camera: statistics skip a band of this fraction of the diameter.
+RIM_FRACTION = 1.0 / 100.0
+# The outermost FOV band (fraction of the diameter; 2 px at 540 px) fades to black and is set to 0 in the output.
+EDGE_FRACTION = 1.0 / 250.0
+# Normalised values are clipped to +-CLIP standard deviations.
+CLIP = 4.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# field of view
+# ---------------------------------------------------------------------------------------------------------------------
+def _otsu(values_u8: np.ndarray) -> int:
+    hist = np.bincount(values_u8.ravel(), minlength=256).astype(np.float64)
+    p = hist / max(hist.sum(), 1.0)
+    w = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    between = (mu[-1] * w - mu) ** 2 / np.maximum(w * (1.0 - w), 1e-12)
+    return int(np.argmax(between))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def fov_mask(rgb: np.ndarray) -> np.ndarray:
+    """Field of view of a fundus photo: (H, W, 3) uint8 -> (H, W) bool.
+
+    The brightest channel is smoothed (JPEG noise), split into dark surround and retina by Otsu, and thresholded a
+    quarter of the way from the surround's level to the retina's; the largest component with holes filled is kept.
+    Works when the disc is cut at the top/bottom. A photo with no dark surround gives an all-True mask.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
+    h, w = rgb.shape[:2]
+    bright = rgb[..., :3].max(axis=2).astype(np.float32)
+    size = max(3, (min(h, w) // 120) | 1)
+    bright = ndi.uniform_filter(bright, size)
+    t0 = _otsu(np.clip(bright, 0, 255).astype(np.uint8))
+    dark, lit = bright[bright <= t0], bright[bright > t0]
+    if dark.size == 0 or lit.size == 0:
+        return np.ones((h, w), dtype=bool)
+    bg, fg = float(np.median(dark)), float(np.median(lit))
+    # a real surround is near black and much darker than the retina; otherwise Otsu split the retina itself
+    if fg - bg < 20.0 or bg > 0.5 * fg or bg > 60.0:
+        return np.ones((h, w), dtype=bool)
+    mask = bright > bg + FOV_LEVEL_FRACTION * (fg - bg)
+    # opening removes thin bright artefacts touching the disc (camera text, reflections) before picking the disc
+    mask = ndi.binary_opening(mask, iterations=2)
+    mask = _largest_component(mask)
+    return ndi.binary_fill_holes(mask)
+
+
+def fov_diameter(mask: np.ndarray) -> float:
+    """FOV diameter in pixels: the disc's largest horizontal width (unaffected by top/bottom cropping)."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = mask.any(axis=1)
+    if not rows.any():
+        raise ValueError("the field-of-view mask is empty")
+    m = mask[rows]
+    left = np.argmax(m, axis=1)
+    right = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
+    widths = (right - left + 1).astype(np.float64)
+    # a median over 5 rows ignores a single ragged row; near the disc's centre widths change by < 1 px per row
+    if widths.size >= 5:
+        widths = ndi.median_filter(widths, size=5, mode="nearest")
+    return float(widths.max())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# contrast normalisation
+# ---------------------------------------------------------------------------------------------------------------------
+def _block_sums(a: np.ndarray, k: int) -> np.ndarray:
+    """(C, Hp, Wp) with Hp, Wp multiples of k -> (C, Hp/k, Wp/k) sums over k x k blocks."""
+    c, hp, wp = a.shape
+    return a.reshape(c, hp // k, k, wp).sum(axis=2).reshape(c, hp // k, wp // k, k).sum(axis=3)
+
+
+def _upsample_matrix(n_out: int, n_in: int, k: int) -> np.ndarray:
+    """(n_out, n_in) linear interpolation from block centres (i k + (k - 1) / 2) back to every pixel."""
+    x = (np.arange(n_out) - (k - 1) / 2.0) / k
+    x = np.clip(x, 0, n_in - 1)
+    i0 = np.floor(x).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    f = (x - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), dtype=np.float32)
+    rows = np.arange(n_out)
+    m[rows, i0] += 1.0 - f
+    m[rows, i1] += f
+    return m
+
+
+def _smooth_ratio(num: np.ndarray, den: np.ndarray, sigma: float) -> np.ndarray:
+    """Normalised convolution G*num / G*den on the coarse grid; num (C, h, w), den (h, w)."""
+    g_den = ndi.gaussian_filter(den, sigma, mode="constant")
+    out = np.stack([ndi.gaussian_filter(n, sigma, mode="constant") for n in num])
+    ok = g_den > 1e-3 * max(float(g_den.max()), 1e-12)
+    out[:, ok] /= g_den[ok]
+    out[:, ~ok] = 0.0
+    return out
+
+
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    # a square minimum filter: a band of about ``radius`` px, in O(N) whatever the radius
+    return ndi.minimum_filter(mask, size=2 * radius + 1, mode="constant", cval=False) if radius > 0 else mask
+
+
+def normalise_fundus(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Camera-independent contrast: (H, W, 3) uint8 + (H, W) FOV -> (3, H, W) float32 in [-CLIP, CLIP], 0 outside.
+
+    Per channel: subtract the illumination background (Gaussian, sigma = FOV diameter / 50) estimated from FOV pixels
+    only (normalised convolution, so the dark surround does not leak in as a bright ring), divide by the local standard
+    deviation (sigma = diameter / 12, floored at half its FOV median) and clip. A per-channel gain and offset, i.e. a
+    different camera's colour balance and exposure, cancels out. The FOV's outermost band (diameter / 250), where the
+    photo fades to black on every camera, is set to 0 so that the FOV edge does not look like a dark vessel.
+    """
+    rgb = np.asarray(rgb)
+    mask = np.asarray(mask, dtype=bool)
+    h, w = mask.shape
+    if rgb.ndim != 3 or rgb.shape[:2] != (h, w):
+        raise ValueError(f"photo {rgb.shape} and mask {mask.shape} differ in size")
+    d = fov_diameter(mask)
+    # statistics come from the FOV without its dim rim
+    weight = _erode(mask, int(round(d * RIM_FRACTION)))
+    if not weight.any():
+        weight = mask
+    inner = _erode(mask, int(round(d * EDGE_FRACTION)))
+
+    # the Gaussians run on a grid k times coarser (sigma ~2 coarse pixels), then a linear upsample: ~10x faster
+    sigma_bg = d * BACKGROUND_SIGMA
+    k = max(1, int(sigma_bg // 2))
+    hp, wp = -(-h // k) * k, -(-w // k) * k
+    x = rgb[..., :3].transpose(2, 0, 1).astype(np.float32)
+    # rows: weight, weight * x (3), weight * x^2 (3); zero padding to whole blocks carries no weight
+    acc = np.zeros((7, hp, wp), dtype=np.float32)
+    acc[0, :h, :w] = weight
+    np.multiply(x, acc[0, :h, :w], out=acc[1:4, :h, :w])
+    np.multiply(acc[1:4, :h, :w], x, out=acc[4:7, :h, :w])
+    sums = _block_sums(acc, k)
+    s_w, s_x, s_xx = sums[0], sums[1:4], sums[4:7]
+
+    bg = _smooth_ratio(s_x, s_w, sigma_bg / k)
+    # local variance of (x - bg) with bg constant within a block: E[x^2] - 2 bg E[x] + bg^2. Its Gaussian is ~4x
+    # wider, so it runs on a grid q times coarser again, which also makes its upsample q times cheaper.
+    var_block = np.maximum(s_xx - 2.0 * bg * s_x + bg * bg * s_w, 0.0)
+    sigma_std = d * CONTRAST_SIGMA / k
+    q = max(1, int(sigma_std // 2))
+    hq, wq = -(-s_w.shape[0] // q) * q, -(-s_w.shape[1] // q) * q
+    acc2 = np.zeros((4, hq, wq), dtype=np.float32)
+    acc2[0, :s_w.shape[0], :s_w.shape[1]] = s_w
+    acc2[1:, :s_w.shape[0], :s_w.shape[1]] = var_block
+    sums2 = _block_sums(acc2, q)
+    std = np.sqrt(_smooth_ratio(sums2[1:], sums2[0], sigma_std / q))
+    inside = sums2[0] > 0.5 * (k * q) ** 2
+    for c in range(3):
+        vals = std[c][inside] if inside.any() else std[c].ravel()
+        floor = CONTRAST_FLOOR * float(np.median(vals)) if vals.size else 1.0
+        std[c] = np.maximum(std[c], max(floor, 1e-3))
+    inv_std = 1.0 / std
+
+    up_r = _upsample_matrix(h, s_w.shape[0], k)
+    up_c = np.ascontiguousarray(_upsample_matrix(w, s_w.shape[1], k).T)
+    up_r2 = _upsample_matrix(h, std.shape[1], k * q)
+    up_c2 = np.ascontiguousarray(_upsample_matrix(w, std.shape[2], k * q).T)
+    outside = ~inner
+    out = np.empty((3, h, w), dtype=np.float32)
+    for c in range(3):
+        o = out[c]
+        np.subtract(x[c], up_r @ bg[c] @ up_c, out=o)
+        o *= up_r2 @ inv_std[c] @ up_c2
+        np.clip(o, -CLIP, CLIP, out=o)
+        o[outside] = 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# scale
+# ---------------------------------------------------------------------------------------------------------------------
+def _resize(a: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+    """Resize a 2D uint8 or float32 array with Pillow's bilinear filter (pixel centres aligned, antialiased)."""
+    from PIL import Image
+
+    h, w = size_hw
+    if a.shape[:2] == (h, w):
+        return a.copy()
+    if a.dtype == np.uint8:
+        return np.asarray(Image.fromarray(a).resize((w, h), Image.BILINEAR))
+    im = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), mode="F")
+    return np.asarray(im.resize((w, h), Image.BILINEAR), dtype=np.float32)
+
+
+def rescale_to_fov(rgb: np.ndarray, mask: np.ndarray, target_diameter_px: float
+                   ) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Resize the photo so that its FOV diameter becomes ``target_diameter_px``.
+
+    Returns (rgb_scaled (h, w, 3) uint8, mask_scaled (h, w) bool, scale = target / measured diameter). The scaled size
+    is ``round(H * scale), round(W * scale)``; :func:`restore_from_fov` maps results back.
+    """
+    scale = float(target_diameter_px) / fov_diameter(mask)
+    h, w = mask.shape
+    size = (max(1, int(round(h * scale))), max(1, int(round(w * scale))))
+    rgb_s = _resize(np.ascontiguousarray(rgb[..., :3], dtype=np.uint8), size)
+    mask_s = _resize(np.asarray(mask, dtype=np.uint8) * 255, size) >= 128
+    return rgb_s, mask_s, scale
+
+
+def restore_from_fov(prob_scaled: np.ndarray, original_shape: Tuple[int, int]) -> np.ndarray:
+    """Inverse of :func:`rescale_to_fov` for a result: (h, w) or (C, h, w) float -> (H, W) or (C, H, W) float32."""
+    hw = tuple(int(v) for v in original_shape[:2])
+    p = np.asarray(prob_scaled, dtype=np.float32)
+    if p.ndim == 3:
+        return np.stack([_resize(c, hw) for c in p])
+    return _resize(p, hw)

@@ -1,0 +1,386 @@
+"""Lung nodule task: the LIDC-IDRI slice-crop dataset, HU -> crop intensity, and the seed-point region of a real CT.
+
+Training data are the LIDC-IDRI nodule crops (``LIDC-IDRI-XXXX/nodule-Y/{images,mask-0..3}/slice-Z.png``): stacks of
+consecutive native axial slices, 128 x 128 pixels at the scan's native pixel spacing, centred on the nodule, 8-bit.
+Matching the crops of LIDC-IDRI-0001..0003 against the same scans in HU (``scripts/recover_lidc_window.py``,
+``docs/lidc_window.md``) showed how they were made: each 128 x 128 slice was min-max normalised on its own,
+``round((HU - min) / (max - min) * 255)``; there is no fixed HU window. :func:`hu_to_crop_intensity` reproduces that.
+
+Orientation of the crops (and of every stack this module builds): stack axes are (slice, row, column); slices go
+inferior -> superior, rows anterior -> posterior, columns patient right -> left. In ITK's LPS physical space that is
+increasing S, P and L, i.e. the usual radiological display of an axial DICOM slice.
+
+Coordinates: Slicer gives the seed in RAS millimetres, ITK/SimpleITK works in LPS millimetres (x and y negated).
+Arrays from SimpleITK are indexed (k, j, i), the reverse of ITK's index order (i, j, k).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import InputError
+from .tasks import LUNG_NODULE, TaskSpec
+
+CROP_SIZE = 128          # in-plane size (pixels) of the LIDC-IDRI crops and of the model input
+PAD_HU = -1024.0         # value (HU) outside the image: air, the value CT scanners store outside the body
+SPLITS = ("train", "val", "test")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LIDC-IDRI slice-crop dataset
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NoduleRecord:
+    """One nodule of the LIDC-IDRI slice dataset.
+
+    ``slice_paths``: the ``images/slice-Z.png`` files sorted by Z (inferior -> superior, consecutive native slices).
+    ``reader_mask_dirs``: the ``mask-R`` folders present, sorted by R; a missing folder is a reader who did not mark it.
+    """
+
+    patient_id: str
+    nodule_id: str
+    slice_paths: Tuple[Path, ...]
+    reader_mask_dirs: Tuple[Path, ...]
+
+
+def _number(name: str) -> int:
+    """Trailing integer of a file or folder name ('slice-12.png' -> 12), so that 10 sorts after 9."""
+    m = re.search(r"(\d+)(?:\.\w+)?$", name)
+    return int(m.group(1)) if m else -1
+
+
+def iter_lidc_nodules(root) -> List[NoduleRecord]:
+    """All nodules under ``root`` (the ``LIDC-IDRI-slices`` folder, or a folder that contains it).
+
+    Returns records sorted by patient ID then nodule number. Nodules without image slices are skipped.
+    """
+    root = Path(root)
+    if (root / "LIDC-IDRI-slices").is_dir():
+        root = root / "LIDC-IDRI-slices"
+    if not root.is_dir():
+        raise InputError(f"LIDC-IDRI slice folder not found: {root}; pass the folder that holds LIDC-IDRI-XXXX/")
+    records = []
+    for pdir in sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("LIDC-IDRI-")):
+        for ndir in sorted((n for n in pdir.iterdir() if n.is_dir() and n.name.startswith("nodule-")),
+                           key=lambda n: _number(n.name)):
+            slices = sorted((ndir / "images").glob("slice-*.png"), key=lambda f: _number(f.name))
+            if not slices:
+                continue
+            masks = sorted((m for m in ndir.glob("mask-*") if m.is_dir()), key=lambda m: _number(m.name))
+            records.append(NoduleRecord(pdir.name, ndir.name, tuple(slices), tuple(masks)))
+    return records
+
+
+def _read_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+
+
+def consensus_from_readers(reader_masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Consensus and soft label from per-reader masks.
+
+    ``reader_masks``: uint8 0/1, shape (r, n, H, W). A reader whose mask is all zero over every slice did not mark
+    the nodule and is left out of the vote (LIDC readers mark only the nodules they judged to be nodules).
+    Returns ``consensus`` uint8 (n, H, W): pixels marked by at least half of the m readers who marked the nodule
+    (2 * count >= m, so 1 of 2, 2 of 3, 2 of 4), and ``soft`` float32 (n, H, W): count / m. Both zero when m == 0.
+    """
+    reader_masks = np.asarray(reader_masks)
+    n_shape = reader_masks.shape[1:]
+    marked = reader_masks.reshape(reader_masks.shape[0], -1).any(axis=1)
+    m = int(marked.sum())
+    if m == 0:
+        return np.zeros(n_shape, np.uint8), np.zeros(n_shape, np.float32)
+    count = reader_masks[marked].astype(np.int32).sum(axis=0)
+    return (2 * count >= m).astype(np.uint8), (count / m).astype(np.float32)
+
+
+def load_nodule(record: NoduleRecord):
+    """Read one nodule.
+
+    Returns ``(images, reader_masks, consensus, soft)``:
+    images uint8 (n, 128, 128) as stored (see the module docstring for the intensity mapping);
+    reader_masks uint8 0/1 (r, n, 128, 128), one per ``record.reader_mask_dirs`` (a slice missing from a reader's
+    folder is zeros); consensus uint8 0/1 (n, 128, 128) and soft float32 (n, 128, 128), see
+    :func:`consensus_from_readers`.
+    """
+    images = np.stack([_read_png(p) for p in record.slice_paths])
+    n, h, w = images.shape
+    readers = np.zeros((len(record.reader_mask_dirs), n, h, w), np.uint8)
+    for r, mdir in enumerate(record.reader_mask_dirs):
+        for z, sp in enumerate(record.slice_paths):
+            mp = mdir / sp.name
+            if mp.is_file():
+                readers[r, z] = _read_png(mp) > 0
+    consensus, soft = consensus_from_readers(readers)
+    return images, readers, consensus, soft
+
+
+def split_patients(patient_ids: Sequence[str], seed: int = 0,
+                   fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Dict[str, List[str]]:
+    """Split patients (never their nodules) into train/val/test.
+
+    Rule: the unique IDs are ordered by SHA-256 of ``f"{seed}:{patient_id}"``; the first ``round(f_train * N)`` go to
+    train, the next ``round(f_val * N)`` to val, the rest to test. It depends only on the set of IDs and the seed
+    (not on their order, the platform or the numpy version), so a model card can name its split by the seed.
+    Returns ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
+    """
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
+    ids = sorted(set(str(p) for p in patient_ids))
+    ordered = sorted(ids, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+    n_train = int(round(fractions[0] * len(ids)))
+    n_val = min(int(round(fractions[1] * len(ids))), len(ids) - n_train)
+    parts = (ordered[:n_train], ordered[n_train:n_train + n_val], ordered[n_train + n_val:])
+    return {name: sorted(part) for name, part in zip(SPLITS, parts)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Intensities
+# ----------------------------------------------------------------------------------------------------------------
+
+def hu_to_crop_intensity(hu: np.ndarray, window: Optional[Tuple[float, float]] = None) -> np.ndarray:
+    """HU -> what ``crop / 255`` of the LIDC-IDRI crops represents, float32 in [0, 1].
+
+    ``hu``: (..., H, W) in HU; each trailing 2D axial slice is processed on its own, as the crops were: clip to
+    ``window`` (default ``tasks.LUNG_NODULE.hu_window``), then min-max normalise over that slice. The clip only
+    guards against values the crops never contain (out-of-field padding such as -2048 or -3024 HU would otherwise
+    become the minimum); it must not cut real tissue, so the window is the full CT range. A constant slice gives 0.
+    Pass the whole 128 x 128 window: the minimum and maximum of a smaller region differ.
+    """
+    lo, hi = window if window is not None else LUNG_NODULE.hu_window
+    x = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
+    if x.ndim < 2:
+        raise ValueError(f"expected (..., H, W) slices, got shape {x.shape}")
+    mn = x.min(axis=(-2, -1), keepdims=True)
+    rng = x.max(axis=(-2, -1), keepdims=True) - mn
+    out = np.where(rng > 0, (x - mn) / np.where(rng > 0, rng, 1.0), 0.0)
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seed-point region of a CT volume
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SeedRegion:
+    """A stack of axial 128 x 128 windows around a seed point, in the crops' orientation (see module docstring).
+
+    stack: float32 (n, 128, 128), :func:`hu_to_crop_intensity` of ``hu``.
+    hu: float32 (n, 128, 128), HU; -1024 outside the image.
+    index_slices: three ``(stack_slice, canonical_slice)`` pairs, one per stack axis (slice, row, column): stack
+        positions ``stack_slice`` hold the voxels ``canonical_slice`` of the volume seen in canonical order
+        (see :func:`canonical_view`); the rest of the stack is padding.
+    seed_index: (i, j, k) ITK voxel index of the seed.
+    seed_in_stack: (slice, row, column) position of the seed in ``stack``; row and column are always 64.
+    axes: ITK index axis of each stack axis (slice, row, column).
+    flips: whether each stack axis runs against its ITK index axis.
+    spacing_mm: voxel size along the stack axes (slice, row, column), mm.
+    image_size: ITK size (i, j, k) of the volume the region was taken from.
+    """
+
+    stack: np.ndarray
+    hu: np.ndarray
+    index_slices: Tuple[Tuple[slice, slice], ...]
+    seed_index: Tuple[int, int, int]
+    seed_in_stack: Tuple[int, int, int]
+    axes: Tuple[int, int, int]
+    flips: Tuple[bool, bool, bool]
+    spacing_mm: Tuple[float, float, float]
+    image_size: Tuple[int, int, int]
+
+
+def stack_axes(direction: Sequence[float]) -> Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]:
+    """ITK index axes for the stack axes (slice, row, column) = closest to (S, P, L), and whether to flip each.
+
+    ``direction``: the 9 numbers of a 3D ITK direction matrix (row-major; column a = physical direction of index
+    axis a, LPS). Only whole index axes are used, so oblique scans are read voxel for voxel without resampling.
+    """
+    d = np.asarray(direction, dtype=float).reshape(3, 3)
+    free = [0, 1, 2]
+    axes, flips = [], []
+    for phys in (2, 1, 0):                       # S first (slicing axis), then P (rows), then L (columns)
+        a = max(free, key=lambda ax: abs(d[phys, ax]))
+        free.remove(a)
+        axes.append(a)
+        flips.append(bool(d[phys, a] < 0))
+    return tuple(axes), tuple(flips)
+
+
+def canonical_view(array: np.ndarray, axes: Sequence[int], flips: Sequence[bool]) -> np.ndarray:
+    """View of a SimpleITK array (k, j, i) with axes (slice, row, column) as in the stack; writes go through."""
+    view = np.transpose(array, [2 - a for a in axes])
+    for dim, flip in enumerate(flips):
+        if flip:
+            view = np.flip(view, axis=dim)
+    return view
+
+
+def _seed_to_index(ct, seed_ras_mm) -> Tuple[int, int, int]:
+    x, y, z = (float(v) for v in seed_ras_mm)
+    lps = (-x, -y, z)                            # Slicer RAS -> ITK LPS
+    cont = ct.TransformPhysicalPointToContinuousIndex(lps)
+    size = ct.GetSize()
+    if not all(-0.5 <= c < s - 0.5 for c, s in zip(cont, size)):
+        corners = np.array([ct.TransformContinuousIndexToPhysicalPoint([(s - 0.5) if (n >> a) & 1 else -0.5
+                                                                         for a, s in enumerate(size)])
+                            for n in range(8)]) * (-1, -1, 1)          # LPS -> RAS
+        box = ", ".join(f"{lo:.1f}..{hi:.1f}" for lo, hi in zip(corners.min(0), corners.max(0)))
+        raise InputError(f"seed point RAS ({x:.1f}, {y:.1f}, {z:.1f}) mm is outside the image (RAS extent {box} mm); "
+                         "place the seed on the nodule inside the volume")
+    return tuple(int(math.floor(c + 0.5)) for c in cont)
+
+
+def _window(center: int, half_before: int, half_after: int, size: int, clip: bool):
+    """(stack_slice, canonical_slice, length) of positions center-half_before .. center+half_after-1."""
+    start, stop = center - half_before, center + half_after
+    if clip:
+        start, stop = max(start, 0), min(stop, size)
+    s0, s1 = max(start, 0), min(stop, size)
+    return slice(s0 - start, s1 - start), slice(s0, s1), stop - start
+
+
+def _region_geometry(ct, seed_ras_mm, task: TaskSpec):
+    if ct.GetDimension() != 3:
+        raise InputError(f"the lung nodule task needs a 3D CT volume, got a {ct.GetDimension()}D image; "
+                         "load the CT series as one volume")
+    if ct.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError("the lung nodule task needs a single-channel CT in HU, got a multi-channel image; "
+                         "load the CT series, not a screenshot or colour image")
+    seed = _seed_to_index(ct, seed_ras_mm)
+    axes, flips = stack_axes(ct.GetDirection())
+    size, spacing = ct.GetSize(), ct.GetSpacing()
+    canon_seed = [size[a] - 1 - seed[a] if f else seed[a] for a, f in zip(axes, flips)]
+    half_mm = task.seed_region_mm if task.seed_region_mm is not None else 40.0
+    # whole slices within +-half_mm of the seed; a small tolerance keeps a slice lying exactly on the boundary
+    k = int(math.floor(half_mm / spacing[axes[0]] + 1e-6))
+    roi = tuple(task.roi_size) if task.roi_size else (CROP_SIZE, CROP_SIZE)
+    rows, cols = roi[1], roi[0]
+    # along z only the volume's own slices (no padding); in-plane a fixed window with the seed at index size//2,
+    # as in the crops, whose nodule centre sits at pixel 64 of 128
+    dims = [_window(canon_seed[0], k, k + 1, size[axes[0]], clip=True),
+            _window(canon_seed[1], rows // 2, rows - rows // 2, size[axes[1]], clip=False),
+            _window(canon_seed[2], cols // 2, cols - cols // 2, size[axes[2]], clip=False)]
+    seed_in_stack = (canon_seed[0] - dims[0][1].start, rows // 2, cols // 2)
+    return seed, axes, flips, dims, seed_in_stack
+
+
+def take_region(image, region: SeedRegion, pad_value: float = 0.0, dtype=None) -> np.ndarray:
+    """The region's (n, 128, 128) stack of any image on the same grid as the CT it came from (e.g. a reference mask).
+
+    Positions outside the image get ``pad_value``; ``dtype`` defaults to the image's pixel type.
+    """
+    import SimpleITK as sitk
+
+    if tuple(image.GetSize()) != tuple(region.image_size):
+        raise ValueError(f"image size {image.GetSize()} differs from the region's volume {region.image_size}")
+    view = canonical_view(sitk.GetArrayViewFromImage(image), region.axes, region.flips)
+    out = np.full(region.stack.shape, pad_value, dtype=dtype or view.dtype)
+    out[tuple(s for s, _ in region.index_slices)] = view[tuple(c for _, c in region.index_slices)]
+    return out
+
+
+def extract_seed_region(ct, seed_ras_mm, task: TaskSpec = LUNG_NODULE) -> SeedRegion:
+    """Axial 128 x 128 windows around a seed point of a CT, ready for the 2D network.
+
+    ct: SimpleITK 3D image in HU, any direction matrix. seed_ras_mm: (x, y, z) in Slicer RAS millimetres.
+    Takes the slices within +-``task.seed_region_mm`` (mm, along the slicing axis = the index axis closest to S/I)
+    of the seed, clipped to the volume, and in each a window of ``task.roi_size`` pixels at the native spacing
+    with the seed at (64, 64), padded with -1024 HU outside the image.
+    Raises InputError when the seed is outside the image.
+    """
+    seed, axes, flips, dims, seed_in_stack = _region_geometry(ct, seed_ras_mm, task)
+    spacing = ct.GetSpacing()
+    region = SeedRegion(
+        stack=np.zeros((dims[0][2], dims[1][2], dims[2][2]), np.float32), hu=None,
+        index_slices=tuple((d[0], d[1]) for d in dims), seed_index=seed, seed_in_stack=seed_in_stack,
+        axes=axes, flips=flips, spacing_mm=tuple(float(spacing[a]) for a in axes),
+        image_size=tuple(int(s) for s in ct.GetSize()))
+    region.hu = take_region(ct, region, PAD_HU, dtype=np.float32)
+    region.stack = hu_to_crop_intensity(region.hu, task.hu_window)
+    return region
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Back to the CT grid
+# ----------------------------------------------------------------------------------------------------------------
+
+def select_component(mask: np.ndarray, seed: Sequence[int], spacing_mm: Sequence[float],
+                     max_distance_mm: float = 10.0) -> np.ndarray:
+    """Keep the 3D connected component (26-neighbourhood) of ``mask`` that contains ``seed``.
+
+    mask: 0/1 array (3D); seed: its array index; spacing_mm: voxel size per array axis (an orthonormal direction
+    matrix keeps distances, so index offsets times spacing are physical distances). When no component contains the
+    seed, keeps the one with the voxel nearest to the seed if that voxel is within ``max_distance_mm``; else empty.
+    """
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return np.zeros(mask.shape, np.uint8)
+    keep = labels[tuple(seed)]
+    if keep == 0:
+        idx = np.argwhere(labels > 0)
+        dist = np.sqrt((((idx - np.asarray(seed)) * np.asarray(spacing_mm, float)) ** 2).sum(axis=1))
+        best = int(np.argmin(dist))
+        if dist[best] > max_distance_mm:
+            return np.zeros(mask.shape, np.uint8)
+        keep = labels[tuple(idx[best])]
+    return (labels == keep).astype(np.uint8)
+
+
+def paste_back(prob_stack: np.ndarray, region: SeedRegion, reference, threshold: float = 0.5,
+               max_distance_mm: float = 10.0):
+    """Nodule probabilities on the stack -> SimpleITK UInt8 labelmap (0/1) on exactly ``reference``'s grid.
+
+    prob_stack: float32 (n, 128, 128) like ``region.stack``; voxels with ``prob >= threshold`` are foreground (so a
+    soft label of 0.5, one of two readers, counts, as in the consensus rule). Only the connected component at the
+    seed, or the nearest one within ``max_distance_mm`` (mm), is kept; padding outside the image is ignored.
+    """
+    import SimpleITK as sitk
+
+    prob_stack = np.asarray(prob_stack)
+    if prob_stack.shape != region.stack.shape:
+        raise ValueError(f"prob_stack shape {prob_stack.shape} differs from the region's {region.stack.shape}")
+    if tuple(reference.GetSize()) != tuple(region.image_size):
+        raise ValueError(f"reference size {reference.GetSize()} differs from the region's volume {region.image_size}")
+    inside = tuple(s for s, _ in region.index_slices)
+    fg = np.zeros(prob_stack.shape, np.uint8)
+    fg[inside] = prob_stack[inside] >= threshold
+    fg = select_component(fg, region.seed_in_stack, region.spacing_mm, max_distance_mm)
+    out = np.zeros(tuple(reversed(region.image_size)), np.uint8)
+    canonical_view(out, region.axes, region.flips)[tuple(c for _, c in region.index_slices)] = fg[inside]
+    lab = sitk.GetImageFromArray(out)
+    lab.CopyInformation(reference)
+    return lab
+
+
+def nodule_diameter_mm(labelmap) -> float:
+    """Longest axial diameter (mm) of a nodule labelmap (SimpleITK, nonzero = nodule); 0.0 when empty.
+
+    Approximation of the clinical measurement: on the axial slice (index axis closest to S/I) with the largest
+    area, the maximum Feret diameter of the painted pixels, measured between pixel corners (edge to edge).
+    """
+    import SimpleITK as sitk
+    from scipy.spatial import ConvexHull
+
+    axes, flips = stack_axes(labelmap.GetDirection())
+    mask = canonical_view(sitk.GetArrayViewFromImage(labelmap), axes, flips) > 0
+    if not mask.any():
+        return 0.0
+    z = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+    rc = np.argwhere(mask[z]).astype(float)
+    spacing = labelmap.GetSpacing()
+    sp = np.array([spacing[axes[1]], spacing[axes[2]]])
+    corners = np.concatenate([rc + off for off in ((-.5, -.5), (-.5, .5), (.5, -.5), (.5, .5))]) * sp
+    pts = corners[ConvexHull(corners).vertices]
+    diff = pts[:, None, :] - pts[None, :, :]
+    return float(np.sqrt((diff ** 2).sum(-1)).max())
