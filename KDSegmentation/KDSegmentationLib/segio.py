@@ -55,9 +55,9 @@ def terminology_dict(term) -> dict:
 
 def terminology_string(term) -> str:
     """The TerminologyEntry tag value Slicer stores for a segment, e.g. ``context~SCT^123037004^...~...``."""
-    import slicerio
+    from slicerio.segmentation import terminology_entry_to_string
 
-    return slicerio.terminology_entry_to_string(terminology_dict(term))
+    return terminology_entry_to_string(terminology_dict(term))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

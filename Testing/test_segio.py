@@ -1,0 +1,202 @@
+"""Writing segmentations that Slicer opens on the input geometry, and reading them back."""
+from __future__ import annotations
+
+import json
+import os
+
+import nrrd
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from KDSegmentationLib import resources, segio, tasks
+from KDSegmentationLib.errors import InputError
+
+
+def _oblique_labelmap(task, size=(12, 10, 7)) -> sitk.Image:
+    arr = np.zeros(size[::-1], np.uint8)
+    # one blob per label except the last one, which stays empty (it must still be written)
+    for i, lab in enumerate(task.labels[:-1] if len(task.labels) > 1 else task.labels):
+        arr[1 + i:3 + i, 2:5, 3 + 2 * i:6 + 2 * i] = lab.value
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.7, 0.9, 2.5))
+    img.SetOrigin((12.5, -30.25, 101.0))
+    c, s = np.cos(0.4), np.sin(0.4)
+    img.SetDirection((c, 0.0, s, 0.0, -1.0, 0.0, s, 0.0, -c))  # rotated about y and flipped
+    return img
+
+
+def _photo_labelmap(task) -> sitk.Image:
+    arr = np.zeros((9, 11), np.uint8)
+    arr[2:5, 3:8] = task.labels[0].value
+    img = sitk.GetImageFromArray(arr)
+    img.SetOrigin((4.0, -2.0))
+    img.SetSpacing((1.0, 1.0))
+    return img
+
+
+@pytest.mark.parametrize("task_name", list(tasks.TASKS))
+def test_seg_nrrd_round_trip(tmp_path, task_name):
+    task = tasks.TASKS[task_name]
+    lab = _photo_labelmap(task) if task.input_kind == "2d-rgb" else _oblique_labelmap(task)
+    path = segio.write_segmentation(lab, task, tmp_path / "out dir" / "résultat.seg.nrrd",
+                                    extra_metadata={"Model": "student v1", "Version": 3})
+    assert path.exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
+    arr = sitk.GetArrayFromImage(lab)
+    arr3 = arr if arr.ndim == 3 else arr[None]
+    lab3 = lab if lab.GetDimension() == 3 else sitk.JoinSeries([lab])
+    direction = np.array(lab3.GetDirection()).reshape(3, 3)
+    if lab.GetDimension() == 2:
+        direction = np.eye(3)
+
+    # pynrrd: the raw header Slicer reads
+    voxels, header = nrrd.read(str(path))
+    assert header["space"] == "left-posterior-superior"
+    np.testing.assert_allclose(header["space origin"], lab3.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(header["space directions"],
+                               (direction * np.array(lab3.GetSpacing())[None, :]).T, atol=1e-6)
+    np.testing.assert_array_equal(voxels, arr3.transpose(2, 1, 0))
+    assert header["KDSegmentation_Model"] == "student v1" and header["KDSegmentation_Version"] == "3"
+
+    # slicerio: segments with names, colours, terminology, label values, layer 0
+    seg = slicerio.read_segmentation(str(path))
+    assert [s["name"] for s in seg["segments"]] == [lab_.name for lab_ in task.labels]
+    for s, lab_ in zip(seg["segments"], task.labels):
+        assert s["labelValue"] == lab_.value and s["layer"] == 0 and s["id"]
+        np.testing.assert_allclose(s["color"], np.array(lab_.color) / 255.0, atol=1e-5)
+        assert s["terminology"]["type"] == list(lab_.terminology.type)
+        assert s["terminology"]["category"] == list(lab_.terminology.category)
+        assert s["terminology"]["contextName"] == lab_.terminology.context
+        if lab_.terminology.region:
+            assert s["terminology"]["anatomicRegion"] == list(lab_.terminology.region)
+    tags = header["Segment0_Tags"]
+    assert "TerminologyEntry:" + segio.terminology_string(task.labels[0].terminology) in tags
+
+    # our reader: same geometry and values, names -> values
+    back, names = segio.read_segmentation(path)
+    assert names == {lab_.name: lab_.value for lab_ in task.labels}
+    assert back.GetSize() == lab3.GetSize()
+    np.testing.assert_allclose(back.GetOrigin(), lab3.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(back.GetSpacing(), lab3.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.GetDirection(), direction.ravel(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), arr3)
+
+
+def test_liver_terminology_codes(tmp_path):
+    path = segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, tmp_path / "l.seg.nrrd")
+    header = nrrd.read_header(str(path))
+    assert "~SCT^10200004^Liver~" in header["Segment0_Tags"]
+    assert "~SCT^108369006^Tumor~" in header["Segment1_Tags"]
+    # the tumour segment is empty in this labelmap but still present
+    assert header["Segment1_Name"] == "Liver tumor"
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_plain_labelmap_round_trip(tmp_path, suffix):
+    lab = _oblique_labelmap(tasks.LIVER)
+    path = segio.write_segmentation(lab, tasks.LIVER, tmp_path / f"labels{suffix}")
+    back, names = segio.read_segmentation(path)
+    assert names == {"label_1": 1}
+    assert back.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(back.GetOrigin(), lab.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(back.GetDirection(), lab.GetDirection(), atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(lab))
+
+
+def test_read_overlapping_layers(tmp_path):
+    seg = slicerio.create_segmentation((6, 5, 4), np.diag([0.5, 0.5, 2.0, 1.0]))
+    a = np.zeros((6, 5, 4), bool)
+    a[1:4, 1:3, 1:3] = True
+    b = np.zeros((6, 5, 4), bool)
+    b[2:5, 2:4, 1:3] = True  # overlaps a: slicerio puts it on layer 1
+    slicerio.add_segment(seg, a, {"id": "A", "name": "first"})
+    slicerio.add_segment(seg, b, {"id": "B", "name": "second"})
+    assert seg["voxels"].ndim == 4
+    path = tmp_path / "overlap.seg.nrrd"
+    slicerio.write_segmentation(str(path), seg)
+    lab, names = segio.read_segmentation(path)
+    assert names == {"first": 1, "second": 2}
+    arr = sitk.GetArrayFromImage(lab).transpose(2, 1, 0)
+    np.testing.assert_array_equal(arr == 2, b)
+    np.testing.assert_array_equal(arr == 1, a & ~b)
+    np.testing.assert_allclose(lab.GetSpacing(), (0.5, 0.5, 2.0))
+
+
+def test_unwritable_folder_leaves_nothing(tmp_path):
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        pytest.skip("permissions are not enforced for root")
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(InputError, match="writable"):
+            segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, folder / "x.seg.nrrd")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+def test_failed_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "out.seg.nrrd"
+    path.write_text("previous result")
+
+    def boom(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(slicerio, "write_segmentation", boom)
+    with pytest.raises(InputError, match="No space left"):
+        segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, path)
+    assert path.read_text() == "previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.seg.nrrd"]
+
+
+def test_output_path_is_a_file_not_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError) as info:
+        segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, blocker / "x.seg.nrrd")
+    assert "\n" not in str(info.value)
+
+
+def test_bad_extension_and_bad_values(tmp_path):
+    with pytest.raises(InputError, match="unsupported output"):
+        segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, tmp_path / "x.png")
+    lab = _oblique_labelmap(tasks.LIVER) + 5
+    with pytest.raises(ValueError, match="not labels"):
+        segio.write_segmentation(lab, tasks.LIVER, tmp_path / "x.seg.nrrd")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_missing_and_corrupt(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        segio.read_segmentation(tmp_path / "none.seg.nrrd")
+    bad = tmp_path / "bad.seg.nrrd"
+    bad.write_text("NRRD0004\ntype: nonsense\n")
+    with pytest.raises(InputError, match="corrupt"):
+        segio.read_segmentation(bad)
+
+
+def test_custom_terminology_file_matches_task_registry():
+    path = resources.terminology_dir() / "KDSegmentation.term.json"
+    doc = json.loads(path.read_text())
+    term = tasks.RETINA.labels[0].terminology
+    assert doc["SegmentationCategoryTypeContextName"] == term.context
+    cats = doc["SegmentationCodes"]["Category"]
+    cat = next(c for c in cats if (c["CodingSchemeDesignator"], c["CodeValue"]) == term.category[:2])
+    assert cat["CodeMeaning"] == term.category[2]
+    typ = next(t for t in cat["Type"] if (t["CodingSchemeDesignator"], t["CodeValue"]) == term.type[:2])
+    assert typ["CodeMeaning"] == term.type[2]
+    assert tuple(typ["recommendedDisplayRGBValue"]) == tasks.RETINA.labels[0].color
+
+
+def test_permission_error_on_rename_is_input_error(tmp_path, monkeypatch):
+    def denied(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(segio.os, "replace", denied)
+    with pytest.raises(InputError, match="Permission denied.*writable") as info:
+        segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, tmp_path / "x.nii.gz")
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
