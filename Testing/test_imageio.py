@@ -218,3 +218,37 @@ def test_single_slice_ct_refused_for_3d_task():
     img = _ct(size=(32, 32, 1))
     with pytest.raises(InputError, match="single slice"):
         imageio.check_image_for_task(img, tasks.LIVER)
+
+
+def test_real_inputs_pass_their_task_checks(shared_data):
+    ct = imageio.read_image(require(shared_data / "liver" / "TotalSegmentator_example" / "example_ct_sm.nii.gz"))
+    assert imageio.check_image_for_task(ct, tasks.LIVER) == []
+    slab = imageio.read_image(require(shared_data / "lung" / "LIDC-IDRI_c2c_slabs" / "LIDC-IDRI-0001" / "ct.nii.gz"))
+    assert imageio.check_image_for_task(slab, tasks.LUNG_NODULE) == []
+    drive = imageio.read_image(require(shared_data / "retina" / "DRIVE" / "test" / "images" / "01_test.tif"))
+    assert drive.GetSize() == (565, 584) and drive.GetNumberOfComponentsPerPixel() == 3
+    assert imageio.check_image_for_task(drive, tasks.RETINA) == []
+    with pytest.raises(InputError):
+        imageio.check_image_for_task(drive, tasks.LIVER)
+    chase = imageio.read_image(require(shared_data / "retina" / "CHASE_DB1" / "images" / "Image_01L.jpg"))
+    assert chase.GetSize() == (999, 960)
+    # an 8-bit nodule crop (LIDC slices are windowed PNGs) is refused for a CT task
+    crop = next((shared_data / "lung" / "LIDC-IDRI-slices").glob("LIDC-IDRI-*/nodule-*/images/slice-*.png"), None)
+    if crop is not None:
+        vol = sitk.JoinSeries([sitk.VectorIndexSelectionCast(imageio.read_image(crop), 0)] * 4)
+        with pytest.raises(InputError, match="8-bit"):
+            imageio.check_image_for_task(vol, tasks.LUNG_NODULE)
+
+
+def test_io_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, 'KDSegmentation');"
+            "import KDSegmentationLib.imageio, KDSegmentationLib.segio, KDSegmentationLib.geometry, "
+            "KDSegmentationLib.fundus, KDSegmentationLib.metrics;"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

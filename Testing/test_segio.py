@@ -200,3 +200,22 @@ def test_permission_error_on_rename_is_input_error(tmp_path, monkeypatch):
         segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, tmp_path / "x.nii.gz")
     assert "\n" not in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_real_ct_labelmap_round_trip(tmp_path, shared_data):
+    from conftest import require
+
+    src = require(shared_data / "liver" / "TotalSegmentator_example" / "example_seg.nii.gz")
+    multi = sitk.ReadImage(str(src))
+    liver = sitk.Cast(multi == 5, sitk.sitkUInt8)  # TotalSegmentator label 5 = liver
+    path = segio.write_segmentation(liver, tasks.LIVER, tmp_path / "liver.seg.nrrd")
+    back, names = segio.read_segmentation(path)
+    assert names == {"Liver": 1, "Liver tumor": 2}
+    assert back.GetSize() == liver.GetSize()
+    np.testing.assert_allclose(back.GetOrigin(), liver.GetOrigin(), atol=1e-5)
+    np.testing.assert_allclose(back.GetSpacing(), liver.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(back.GetDirection(), liver.GetDirection(), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(liver))
+    # about 1043 mL of liver in this example (SOURCE.md)
+    ml = sitk.GetArrayViewFromImage(back).sum() * np.prod(back.GetSpacing()) / 1000
+    assert 1000 < ml < 1100

@@ -314,7 +314,7 @@ def test_models_output_choices_card_and_delete(tmp_path):
     entries = [
         {"name": "liver_student", "task": "liver", "role": "student", "source": "shipped",
          "path": str(tmp_path / "liver_student.kdseg.pt"), "card": {"parameters": 150000}},
-        {"name": model.name, "task": "liver", "role": "student", "source": "user", "path": str(model),
+        {"name": model.name, "task": "liver", "role": "student", "source": "local", "path": str(model),
          "card": {"data": "12 local CTs", "metrics": {"dice": 0.91}, "speed": "1.2 s on CPU"}},
     ]
     lines = json.dumps(entries, indent=2).splitlines()

@@ -22,8 +22,8 @@ CONTRAST_SIGMA = 1.0 / 12.0
 CONTRAST_FLOOR = 0.5
 # The FOV rim is dim and blurred on every camera: statistics skip a band of this fraction of the diameter.
 RIM_FRACTION = 1.0 / 100.0
-# The outermost FOV band (fraction of the diameter; 2 px at 540 px) fades to black and is set to 0 in the output.
-EDGE_FRACTION = 1.0 / 250.0
+# The outermost FOV band (fraction of the diameter; 3 px at 540 px) fades to black and is set to 0 in the output.
+EDGE_FRACTION = 1.0 / 180.0
 # Normalised values are clipped to +-CLIP standard deviations.
 CLIP = 4.0
 
@@ -138,7 +138,7 @@ def normalise_fundus(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     Per channel: subtract the illumination background (Gaussian, sigma = FOV diameter / 50) estimated from FOV pixels
     only (normalised convolution, so the dark surround does not leak in as a bright ring), divide by the local standard
     deviation (sigma = diameter / 12, floored at half its FOV median) and clip. A per-channel gain and offset, i.e. a
-    different camera's colour balance and exposure, cancels out. The FOV's outermost band (diameter / 250), where the
+    different camera's colour balance and exposure, cancels out. The FOV's outermost band (diameter / 180), where the
     photo fades to black on every camera, is set to 0 so that the FOV edge does not look like a dark vessel.
     """
     rgb = np.asarray(rgb)

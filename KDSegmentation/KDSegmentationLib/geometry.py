@@ -26,7 +26,8 @@ def _interpolator(name: str) -> int:
         raise ValueError(f"unknown interpolator {name!r}; use one of {', '.join(_INTERPOLATORS)}") from None
 
 
-def grid_size_for_spacing(size: Sequence[int], spacing: Sequence[float], new_spacing: Sequence[float]) -> Tuple[int, ...]:
+def grid_size_for_spacing(size: Sequence[int], spacing: Sequence[float],
+                          new_spacing: Sequence[float]) -> Tuple[int, ...]:
     """Number of voxels on the new grid so that it spans at least the input's extent (size x spacing mm) per axis."""
     # the small tolerance keeps 10 x 3 mm -> 30 / 3 = 10 voxels, not 11 because of floating-point noise
     return tuple(max(1, int(math.ceil(n * s / ns - 1e-6))) for n, s, ns in zip(size, spacing, new_spacing))

@@ -208,7 +208,8 @@ def read_dicom_folder(folder, warn: Warn = None) -> sitk.Image:
     try:
         return reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}; export the series again") from None
+        raise InputError(f"cannot read the DICOM series in {folder}: {_first_line(exc)}; "
+                         f"export the series again") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

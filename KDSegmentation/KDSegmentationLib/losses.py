@@ -353,7 +353,8 @@ class AffinityLoss(DistillLoss):
             if on_features else []
 
     def _grid(self, size: Sequence[int]) -> Tuple[int, ...]:
-        grid = [max(1, math.ceil(n / self.pool_size)) for n in size]
+        # at least 2 positions per axis (when the map has them): a 1-position affinity is constant and teaches nothing
+        grid = [max(min(n, 2), math.ceil(n / self.pool_size)) for n in size]
         while math.prod(grid) > self.max_positions:
             grid = [max(1, math.ceil(g / 2)) for g in grid]
         return tuple(grid)

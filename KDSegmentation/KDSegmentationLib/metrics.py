@@ -31,7 +31,6 @@ def hd95_mm(pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float]) -> 
     """Symmetric 95th-percentile Hausdorff distance (mm) between two binary masks (MONAI); None if either is empty."""
     if not pred.any() or not ref.any():
         return None
-    import torch  # noqa: F401 - MONAI metrics take tensors
     from monai.metrics import compute_hausdorff_distance
 
     # the surfaces lie inside the union's bounding box: cropping keeps distances exact and saves most of the work

@@ -412,6 +412,7 @@ def _first_number(event: Dict[str, Any], keys: Iterable[str]) -> Optional[float]
 # ---------------------------------------------------------------------------------------------------------------
 
 MODEL_SUFFIX = ".kdseg.pt"
+LOCAL_SOURCES = ("local", "user")  # how the catalogue marks models distilled on this machine
 
 
 def next_model_path(folder, task: str, kind: str = "student_local") -> Path:
@@ -451,10 +452,11 @@ def model_label(entry: Dict[str, Any]) -> str:
     name = entry.get("name") or Path(str(entry.get("path", "model"))).name
     role = entry.get("role", "")
     source = entry.get("source", "")
-    bits = [b for b in (entry.get("task"), role, "local" if source == "user" else source) if b]
+    bits = [b for b in (entry.get("task"), role, "local" if source in LOCAL_SOURCES else source) if b]
     label = f"{name} ({', '.join(bits)})" if bits else str(name)
-    if card.get("version"):
-        label += f" v{card['version']}"
+    version = entry.get("version") or card.get("version")
+    if version and not str(name).endswith(f"v{version}"):
+        label += f" v{version}"
     return label
 
 
@@ -488,7 +490,7 @@ def model_choices(entries: Iterable[Dict[str, Any]], task: str) -> List[tuple]:
     """(label, value) pairs for the panel's model list: the shipped student and teacher, then local models."""
     choices = [("Student (fast)", "student"), ("Teacher (slower, more accurate)", "teacher")]
     for entry in entries:
-        if entry.get("task") == task and entry.get("source") == "user" and entry.get("path"):
+        if entry.get("task") == task and entry.get("source") in LOCAL_SOURCES and entry.get("path"):
             choices.append((model_label(entry), str(entry["path"])))
     return choices
 
@@ -497,7 +499,7 @@ def delete_user_model(entry: Dict[str, Any], user_dir) -> List[Path]:
     """Delete a locally distilled model and its report files; refuses anything outside ``user_dir``."""
     path = Path(str(entry.get("path", ""))).resolve()
     user_dir = Path(user_dir).resolve()
-    if entry.get("source") not in (None, "user") or user_dir not in path.parents:
+    if entry.get("source") not in (None,) + LOCAL_SOURCES or user_dir not in path.parents:
         raise ValueError(f"{path} is not a locally distilled model in {user_dir}; shipped models cannot be deleted")
     if not path.name.endswith(MODEL_SUFFIX):
         raise ValueError(f"{path} is not a model file")

@@ -36,10 +36,31 @@ def _conv_type(spatial_dims: int):
     return nn.Conv2d if spatial_dims == 2 else nn.Conv3d
 
 
+class _VectorCounter:
+    """BatchNorm whose ``num_batches_tracked`` counter is a 1-element vector instead of a 0-dim tensor.
+
+    The model file's checksum views every tensor as bytes, which torch refuses for 0-dim tensors of multi-byte
+    types; the counter is only read when ``momentum`` is None (never here), and SyncBatchNorm conversion and
+    ``reset_running_stats`` work the same with a 1-element vector.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+        self.num_batches_tracked = self.num_batches_tracked.reshape(1)
+
+
+class BatchNorm2d(_VectorCounter, nn.BatchNorm2d):
+    pass
+
+
+class BatchNorm3d(_VectorCounter, nn.BatchNorm3d):
+    pass
+
+
 def make_norm(kind: str, spatial_dims: int, channels: int) -> nn.Module:
     """Normalisation layer by name: 'batch', 'instance' (affine), 'group' (up to 8 groups) or 'none'."""
     if kind == "batch":
-        return (nn.BatchNorm2d if spatial_dims == 2 else nn.BatchNorm3d)(channels)
+        return (BatchNorm2d if spatial_dims == 2 else BatchNorm3d)(channels)
     if kind == "instance":
         return (nn.InstanceNorm2d if spatial_dims == 2 else nn.InstanceNorm3d)(channels, affine=True)
     if kind == "group":
