@@ -74,3 +74,121 @@ def _remap(arr: np.ndarray, mapping: Dict[int, int]) -> np.ndarray:
     for src, dst in mapping.items():
         out[arr == src] = dst
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a model over a dataset
+# ---------------------------------------------------------------------------------------------------------------
+
+def select_split(cases, split: str):
+    """Cases of ``split``; a dataset without splits (case folders) is evaluated whole and says so."""
+    if split == "all":
+        return list(cases), "all"
+    chosen = [c for c in cases if c.split == split]
+    if chosen:
+        return chosen, split
+    if not any(c.split for c in cases):
+        return list(cases), "all (the dataset has no splits)"
+    raise InputError(f"the dataset has no '{split}' cases; use --split with one of "
+                     f"{', '.join(sorted({c.split for c in cases if c.split}))} or all")
+
+
+def evaluate_dataset(task_name: str, data_dir: str, model: str = "student", device: str = "auto",
+                     split: str = "test", threads: Optional[int] = None, progress_mode: str = "none") -> Dict:
+    """Run the model on every case of ``split`` the way a user would and compare with the references."""
+    from .datasets import find_cases
+    from .infer import load_task_model, pick_device
+    from .metrics import mean_metrics
+    from .progress import Progress
+
+    task = get_task(task_name)
+    if not Path(data_dir).is_dir():
+        raise InputError(f"--data {data_dir} is not a folder")
+    progress = Progress(progress_mode)
+    cases, split_used = select_split(find_cases(data_dir, task), split)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    dev = pick_device(device)
+    loaded = load_task_model(task, model, dev)
+    per_case: List[Dict] = []
+    t0 = time.perf_counter()
+    for i, case in enumerate(cases):
+        progress.progress("evaluation", i / max(len(cases), 1), case=case.case_id)
+        if case.layout == "lidc_slices":
+            metrics = _eval_lidc_nodule(case, task, loaded, dev)
+        else:
+            metrics = _eval_full_pipeline(case, task, loaded, dev)
+        per_case.append({"case": case.case_id, "metrics": metrics})
+        progress.metric(case=case.case_id, **{f"dice_{k}": v.get("dice") for k, v in metrics.items()})
+    progress.progress("evaluation", 1.0)
+    return {"task": task.name, "data": str(data_dir), "split": split_used, "n_cases": len(per_case),
+            "model": Path(loaded.path).name, "model_role": loaded.role, "device": str(dev),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "mean": mean_metrics([c["metrics"] for c in per_case]), "cases": per_case}
+
+
+def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
+    """Read the case's image, run exactly the ``kdseg segment`` pipeline, compare on the input grid."""
+    import SimpleITK as sitk
+
+    from .datasets import _ct_label_image, _read_mask_2d, _read_sitk
+    from .imageio import check_image_for_task
+    from .infer import segment_image
+    from .metrics import segmentation_metrics
+
+    image = _read_sitk(case.image)
+    check_image_for_task(image, task)
+    labels = _labels(task)
+    if task.input_kind == "2d-rgb":
+        ref = _read_mask_2d(case.label)
+        fov = _read_mask_2d(case.fov) > 0 if case.fov else None
+        res = segment_image(image, task, loaded, dev)
+        pred = sitk.GetArrayFromImage(res.labelmap).reshape(ref.shape)
+        if fov is None:
+            from .fundus import fov_mask
+            from .imageio import photo_to_array
+
+            fov = fov_mask(photo_to_array(image))
+        prob = {1: res.probability.reshape(ref.shape)} if res.probability is not None else None
+        return segmentation_metrics(pred, (ref > 0).astype(np.uint8), (1.0, 1.0), labels, prob=prob, mask=fov)
+    ref_img = _ct_label_image(case)
+    seed = _seed_from_reference(ref_img) if task.needs_seed else None
+    res = segment_image(image, task, loaded, dev, seed_ras=seed)
+    pred = sitk.GetArrayFromImage(res.labelmap)
+    ref = sitk.GetArrayFromImage(ref_img)
+    if ref.shape != pred.shape:
+        raise InputError(f"reference of case {case.case_id} is not on the image grid")
+    return segmentation_metrics(pred, ref, image.GetSpacing(), labels)
+
+
+def _seed_from_reference(ref_img):
+    """The click a clinician would make: the reference's voxel nearest to its centroid, as RAS mm."""
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(ref_img) > 0
+    if not arr.any():
+        raise InputError("reference nodule mask is empty; cannot place a seed point")
+    zyx = np.argwhere(arr)
+    c = zyx.mean(axis=0)
+    k, j, i = zyx[np.argmin(((zyx - c) ** 2).sum(axis=1))]
+    x, y, z = ref_img.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+    return (-x, -y, z)  # LPS -> RAS
+
+
+def _eval_lidc_nodule(case, task: TaskSpec, loaded, dev) -> Dict:
+    """One LIDC-IDRI nodule stack (8-bit crops, spacing unknown): network + the seeded component selection."""
+    import torch
+
+    from .infer import _forward
+    from .lung import load_nodule, select_component
+    from .metrics import segmentation_metrics
+
+    images, _, consensus, soft = load_nodule(case.record)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    prob = _forward(loaded.network, x, dev)[:, 1].cpu().numpy()
+    seed = (images.shape[0] // 2, images.shape[1] // 2, images.shape[2] // 2)
+    pred = select_component(prob >= 0.5, seed, (1.0, 1.0, 1.0), 10.0).astype(np.uint8)
+    return segmentation_metrics(pred, (consensus > 0).astype(np.uint8), (1.0, 1.0, 1.0), _labels(task),
+                                prob={1: prob})

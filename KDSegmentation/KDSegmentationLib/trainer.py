@@ -609,17 +609,20 @@ class _Plan:
     workers: int
 
 
-def _plan(cfg: TrainConfig, task: TaskSpec, data: TrainData, device: torch.device, dist: _Dist,
-          per_labelled: int) -> _Plan:
+def _plan(cfg: TrainConfig, task: TaskSpec, data: TrainData, device: torch.device, dist: _Dist) -> _Plan:
     b_gpu, b_cpu, ppc, epochs = _TASK_DEFAULTS.get(task.name, (8, 2, 16, 100))
     batch = int(cfg.batch_size or (b_gpu if device.type == "cuda" else b_cpu))
     if batch < 1:
         raise InputError("--batch-size must be at least 1")
     patch = tuple(int(p) for p in (cfg.patch or tuple(reversed(task.roi_size))))
-    if len(patch) != task.spatial_dims:
-        raise InputError(f"--patch needs {task.spatial_dims} sizes for {task.name} (got {list(patch)})")
+    if len(patch) != task.spatial_dims or min(patch) < 8:
+        raise InputError(f"--patch needs {task.spatial_dims} sizes of at least 8 for {task.name} "
+                         f"(got {list(patch)})")
+    per_labelled = ds.MixedBatchSampler(len(data.train), len(data.unlabelled), batch, 1,
+                                        unlabelled_fraction=cfg.unlabeled_fraction).per_l
     ppc = int(cfg.patches_per_case or ppc)
     n_cases = len(data.train) if data.train else len(data.unlabelled)
+    # an epoch: every labelled case seen ``ppc`` times (every unlabelled one when there are no labels)
     per_step = max(1, per_labelled if data.train else batch) * dist.world
     spe = max(1, math.ceil(n_cases * ppc / per_step))
     if cfg.steps:
@@ -707,17 +710,7 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
     data = load_training_data(cfg, task, progress, stopper, dist, use_teacher)
     if not data.train and not data.unlabelled:
         raise InputError("no training cases")
-    dataset = ds.PatchDataset(data.train + data.unlabelled,
-                              [True] * len(data.train) + [False] * len(data.unlabelled), task,
-                              cfg.patch or tuple(reversed(task.roi_size)), soft_labels=cfg.soft_labels,
-                              augment=cfg.augment)
-    probe = ds.MixedBatchSampler(len(data.train), len(data.unlabelled), int(cfg.batch_size or 1), 1,
-                                 unlabelled_fraction=cfg.unlabeled_fraction)
-    plan = _plan(cfg, task, data, device, dist, probe.per_l if cfg.batch_size else 0)
-    if not cfg.batch_size:  # per-labelled share depends on the batch size chosen by the plan
-        probe = ds.MixedBatchSampler(len(data.train), len(data.unlabelled), plan.batch_size, 1,
-                                     unlabelled_fraction=cfg.unlabeled_fraction)
-        plan = _plan(cfg, task, data, device, dist, probe.per_l)
+    plan = _plan(cfg, task, data, device, dist)
     dataset = ds.PatchDataset(data.train + data.unlabelled,
                               [True] * len(data.train) + [False] * len(data.unlabelled), task, plan.patch,
                               soft_labels=cfg.soft_labels, augment=cfg.augment)
@@ -790,12 +783,12 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
         return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
 
     def run_validation() -> bool:
-        """Validate on rank 0; False when stopped meanwhile."""
+        """Validate on rank 0 (the others wait); False on every rank when a stop came meanwhile."""
+        stopped = False
         if dist.main and data.val:
             res = validate(student, data.val, task, roi, device, cfg.amp, teacher_preds, teacher, stopper)
-            if res is None:
-                dist.barrier()
-                return False
+            stopped = res is None
+        if dist.main and data.val and not stopped:
             step = state["step"]
             entry = {"step": step, "epoch": round(step / plan.steps_per_epoch, 3), **res}
             state["val_history"].append(entry)
@@ -808,7 +801,7 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
                             best_val_dice=round(state["best"]["val_dice"], 5),
                             **({"val_vs_teacher": True} if res["vs_teacher"] else {}))
         dist.barrier()
-        return True
+        return not dist.any_flag([stopped], device)[0]
 
     # -- the loop ----------------------------------------------------------------------------------------------
     module.train()
@@ -889,9 +882,8 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
                     stopped_by = stopper.reason or "stop requested"
                     break
             if step % plan.ckpt_every == 0 or (time.perf_counter() - last_ckpt_time) > cfg.ckpt_minutes * 60:
-                checkpoint()
+                checkpoint()  # rank 0 only; the others need not wait for the file
                 last_ckpt_time = time.perf_counter()
-                dist.barrier()
             if over_budget:
                 progress.log(f"time budget of {cfg.max_minutes} min reached at step {step}")
                 break
@@ -911,8 +903,8 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
     if dist.main:
         if state["best_state"] is not None:
             student.load_state_dict(state["best_state"])
-        card = _card(cfg, task, data, plan, state, n_params, spec, teacher_header, device, dist, output,
-                     step_times)
+        card = _card(cfg, task, data, plan, state, n_params, spec, teacher_header, device, dist,
+                     dataset.policy, step_times)
         version = cfg.version or _local_version(output, task.name) or "1"
         card["version"]["model"] = version
         save_model(output, student, arch=arch, arch_args=arch_args, task=task.name, role=cfg.role,
@@ -947,7 +939,8 @@ def _batch_to_device(batch: Dict[str, torch.Tensor], patch, pad_mode: str, devic
 
 
 def _card(cfg: TrainConfig, task: TaskSpec, data: TrainData, plan: _Plan, state, n_params: int, spec: str,
-          teacher_header, device: torch.device, dist: _Dist, output: Path, step_times: List[float]) -> Dict:
+          teacher_header, device: torch.device, dist: _Dist, policy, step_times: List[float]) -> Dict:
+    """The model card: data, split, recipe, command, seed, validation metrics, parameters, time, versions."""
     from . import __version__
 
     def jsonable(obj):
@@ -972,8 +965,7 @@ def _card(cfg: TrainConfig, task: TaskSpec, data: TrainData, plan: _Plan, state,
             "optimizer": "AdamW", "lr": plan.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
             "warmup_steps": plan.warmup_steps, "grad_clip": cfg.grad_clip,
             "amp": "bf16" if (cfg.amp and device.type == "cuda") else "fp32",
-            "augmentation": asdict(ds.PatchDataset.__init__.__defaults__[0] or _policy(task))
-            if False else asdict(_policy(task)),
+            "augmentation": asdict(policy) if cfg.augment else None,
         },
         "command": cfg.command_line or " ".join(sys.argv),
         "seed": cfg.seed,
@@ -994,12 +986,6 @@ def _card(cfg: TrainConfig, task: TaskSpec, data: TrainData, plan: _Plan, state,
     }
     card.update(cfg.extra_card or {})
     return jsonable(card)
-
-
-def _policy(task: TaskSpec):
-    from .augment import default_policy
-
-    return default_policy(task)
 
 
 def write_report(output: Path, state: Dict[str, Any], card: Dict[str, Any]) -> Path:
