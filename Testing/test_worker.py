@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import tempfile
 import sys
 import textwrap
 import time
@@ -372,3 +373,215 @@ def test_worker_module_stays_light():
     out = subprocess.run([sys.executable, "-c", code], env=worker.worker_env(), capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RunManager: the state machine the panel's timer drives, against a stand-in engine
+# ---------------------------------------------------------------------------------------------------------------
+
+FAKE_ENGINE = '''
+import json, os, signal, sys, time
+mode = os.environ.get("FAKE_MODE", "ok")
+args = sys.argv[1:]
+
+
+def emit(**o):
+    print(json.dumps(o), flush=True)
+
+
+def opt(name):
+    for a in args:
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return args[args.index(name) + 1] if name in args else None
+
+
+def segment(inp, out, device, extra):
+    assert os.path.isfile(inp), inp
+    for i in range(3):
+        emit(event="progress", stage="inference", fraction=i / 3, **extra)
+        time.sleep(0.01)
+    if mode == "slow":
+        time.sleep(60)
+    if mode == "oom" and device != "cpu":
+        return "internal error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    if mode == "fail":
+        return "input is not a CT; give an abdominal CT"
+    open(out, "w").write("seg")
+    emit(event="result", path=out, device=device, pid=os.getpid(),
+         segments={"Liver": {"volume_ml": 1500.25}}, **extra)
+
+
+cmd = args[0]
+if cmd == "serve":
+    if mode == "noserve":
+        print("kdseg: error: invalid choice: 'serve'", file=sys.stderr)
+        sys.exit(2)
+    emit(event="log", level="info", message="ready")
+    for line in sys.stdin:
+        req = json.loads(line)
+        err = segment(req["input"], req["output"], req["device"], {"id": req["id"]})
+        if err:
+            emit(event="error", message=err, id=req["id"])
+elif cmd == "segment":
+    err = segment(opt("--input"), opt("--output"), opt("--device"), {})
+    if err:
+        emit(event="error", message=err)
+        sys.exit(2 if mode == "fail" else 1)
+elif cmd == "models":
+    print(json.dumps([{"name": "liver_student", "task": "liver", "role": "student", "source": "shipped",
+                       "path": "/m/liver_student.kdseg.pt", "card": {}}], indent=2))
+elif cmd == "distill":
+    def stop(*_):
+        emit(event="log", level="info", message="checkpoint kept")
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, stop)
+    for step in range(1, 6):
+        emit(event="metric", step=step * 10, loss=1.0 / step, **({"val_dice": 0.1 * step} if step % 2 == 0 else {}))
+        emit(event="progress", stage="training", fraction=step / 5)
+        time.sleep(2 if mode == "slow" else 0.01)
+    open(opt("--output"), "w").write("model")
+    emit(event="result", path=opt("--output"))
+'''
+
+
+@pytest.fixture
+def engine(tmp_path):
+    """A RunManager whose worker is a stand-in engine; ``engine.mode = ...`` picks its behaviour."""
+    package = tmp_path / "fake engine é" / "KDSegmentationLib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "__main__.py").write_text(FAKE_ENGINE, encoding="utf-8")
+
+    class Engine:
+        mode = "ok"
+
+    state = Engine()
+    def env():
+        e = worker.worker_env(extra={"FAKE_MODE": state.mode})
+        e["PYTHONPATH"] = str(package.parent)  # the stand-in instead of the real engine
+        return e
+
+    manager = worker.RunManager(python_executable=lambda: sys.executable, env=env)
+    state.manager = manager
+    state.tmp = tmp_path
+    yield state
+    manager.shutdown()
+
+
+def _segment_run(engine, keep, device="auto", log=None):
+    run = worker.Run("segment", log_callback=log)
+    run.task, run.device, run.use_warm_worker = "liver", device, keep
+    run.temp_dir = tempfile.mkdtemp(dir=engine.tmp)
+    run.input_path = os.path.join(run.temp_dir, "input.nrrd")
+    Path(run.input_path).write_text("img")
+    run.output_path = os.path.join(run.temp_dir, "result.seg.nrrd")
+    return engine.manager.start_segment(run)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["one-shot", "persistent"])
+def test_run_manager_segments_and_cleans_up(engine, keep):
+    finished = []
+    run = _segment_run(engine, keep)
+    run.finished_callback = finished.append
+    temp_dir = run.temp_dir
+    engine.manager.wait(run, timeout_s=30)
+    assert run.status == "succeeded", run.message
+    assert run.message == "Liver: 1500.2 mL" and finished == [run]
+    assert not os.path.exists(temp_dir) and not engine.manager.active
+    if keep:
+        second = engine.manager.wait(_segment_run(engine, keep), timeout_s=30)
+        assert second.status == "succeeded"
+        assert second.result["pid"] == run.result["pid"], "the persistent worker was not reused"
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["one-shot", "persistent"])
+def test_run_manager_reruns_on_cpu_after_gpu_out_of_memory(engine, keep):
+    engine.mode = "oom"
+    logs = []
+    run = engine.manager.wait(_segment_run(engine, keep, device="cuda", log=lambda m, lvl: logs.append((lvl, m))),
+                              timeout_s=30)
+    assert run.status == "succeeded", run.message
+    assert run.device == "cpu" and run.retried_on_cpu
+    assert any(lvl == "warning" and "running again on the CPU" in m for lvl, m in logs)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["one-shot", "persistent"])
+def test_run_manager_reports_the_engine_error(engine, keep):
+    engine.mode = "fail"
+    run = engine.manager.wait(_segment_run(engine, keep, device="cuda"), timeout_s=30)
+    assert run.status == "failed" and run.message == "input is not a CT; give an abdominal CT"
+    assert not run.retried_on_cpu
+
+
+def test_run_manager_result_hook_failure_fails_the_run(engine):
+    def broken(run):
+        raise RuntimeError("scene is gone")
+
+    engine.manager.on_segment_result = broken
+    run = engine.manager.wait(_segment_run(engine, False), timeout_s=30)
+    assert run.status == "failed" and "scene is gone" in run.message
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["one-shot", "persistent"])
+def test_run_manager_cancel_kills_and_cleans_up(engine, keep):
+    engine.mode = "slow"
+    run = _segment_run(engine, keep)
+    deadline = time.monotonic() + 20
+    while not run.stage and time.monotonic() < deadline:
+        engine.manager.poll()
+        time.sleep(0.02)
+    assert run.stage.startswith("Inference")
+    pid, temp_dir = run.worker.pid, run.temp_dir
+    engine.manager.cancel(run)
+    assert run.status == "cancelled" and not engine.manager.active
+    assert _wait_dead(pid) and not os.path.exists(temp_dir)
+
+
+def test_run_manager_falls_back_when_the_persistent_worker_is_missing(engine):
+    engine.mode = "noserve"
+    logs = []
+    run = engine.manager.wait(_segment_run(engine, True, log=lambda m, lvl: logs.append(m)), timeout_s=30)
+    assert run.status == "succeeded" and run.warm_fallback_tried and not run.warm
+    assert any("running this segmentation in a new process" in m for m in logs)
+    again = engine.manager.wait(_segment_run(engine, True), timeout_s=30)
+    assert again.status == "succeeded" and not again.use_warm_worker  # not tried again
+
+
+def test_run_manager_lists_models_and_distils_with_metrics(engine, tmp_path):
+    models = worker.Run("models")
+    engine.manager.start_command(models, worker.models_list_command(sys.executable))
+    engine.manager.wait(models, timeout_s=30)
+    assert models.status == "succeeded" and models.result[0]["name"] == "liver_student"
+
+    plotted = []
+    engine.manager.on_metric = lambda run: plotted.append(len(run.metrics.loss))
+    output = worker.next_model_path(tmp_path / "user models", "liver")
+    output.parent.mkdir()
+    run = worker.Run("distill")
+    run.model_path = output
+    engine.manager.start_command(run, worker.distill_command(sys.executable, "liver", "t.kdseg.pt", tmp_path,
+                                                             output, epochs=2))
+    engine.manager.wait(run, timeout_s=30)
+    assert run.status == "succeeded" and run.message == "New model: liver_student_local_v1.kdseg.pt"
+    assert run.model_path == output and output.is_file()
+    assert run.metrics.loss == [1.0, 0.5, 1 / 3, 0.25, 0.2] and len(run.metrics.dice) == 2
+    assert plotted and plotted[-1] == 5  # the last call sees every point
+
+
+@pytest.mark.skipif(not POSIX, reason="a clean stop is SIGTERM on POSIX")
+def test_run_manager_stops_a_distillation_cleanly(engine, tmp_path):
+    engine.mode = "slow"
+    logs = []
+    run = worker.Run("distill", log_callback=lambda m, lvl: logs.append(m))
+    engine.manager.start_command(run, worker.distill_command(sys.executable, "liver", "t", tmp_path,
+                                                             tmp_path / "x.kdseg.pt", max_minutes=5))
+    deadline = time.monotonic() + 20
+    while not run.metrics.loss and time.monotonic() < deadline:
+        engine.manager.poll()
+        time.sleep(0.02)
+    engine.manager.request_stop(run, grace_s=20)
+    engine.manager.wait(run, timeout_s=30)
+    assert run.status == "cancelled" and "checkpoint" in run.message
+    assert "checkpoint kept" in logs
+    assert not (tmp_path / "x.kdseg.pt").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import queue
 import re
@@ -106,7 +107,7 @@ def models_list_command(python_executable) -> List[str]:
 
 
 def serve_command(python_executable, threads: Optional[int] = None) -> List[str]:
-    """The persistent worker: start-up is paid once per session, not once per run."""
+    """The persistent worker: start-up (imports, model load) is paid once, not once per segmentation."""
     cmd = _base(python_executable) + ["serve"]
     if threads:
         cmd += ["--threads", str(int(threads))]
@@ -129,7 +130,7 @@ class WorkerProcess:
     """A child process whose stdout is read by a thread into a queue of protocol events.
 
     Lines that are not protocol events become ``{"event": "log", "raw": True, ...}`` so nothing the child prints is
-    lost. The child gets its own process group (POSIX session / Windows process group) so :meth:`cancel` can end
+    lost. The child gets its own process group (POSIX and Windows) so :meth:`cancel` can end
     the child and everything it started.
     """
 
@@ -283,7 +284,7 @@ class WorkerProcess:
                                stderr=subprocess.DEVNULL, creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))
         else:
             try:
-                # The child leads its own session, so its group id is its pid; this also reaches
+                # The child leads its own process group (id = its pid); this also reaches
                 # grandchildren that outlived it.
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
@@ -625,3 +626,339 @@ def python_for_worker(app_python: Optional[str] = None) -> str:
     exe = Path(app_python or sys.executable)
     candidate = exe.with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
     return str(candidate) if candidate.exists() else str(exe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# runs: what the panel's timer drives
+# ---------------------------------------------------------------------------------------------------------------
+
+class Run:
+    """One worker run (``segment``, ``distill`` or ``models``): its state and, at the end, its outcome.
+
+    ``status`` is ``running``, then ``succeeded``, ``failed`` or ``cancelled``; callbacks receive the run.
+    ``context`` holds the caller's own objects (in Slicer: the input and output nodes).
+    """
+
+    def __init__(self, kind: str, progress_callback: Optional[Callable[["Run"], None]] = None,
+                 log_callback: Optional[Callable[[str, str], None]] = None,
+                 finished_callback: Optional[Callable[["Run"], None]] = None):
+        self.kind = kind
+        self.status = "running"
+        self.message = ""
+        self.stage = ""
+        self.fraction = 0.0
+        self.start_time = time.monotonic()
+        self.worker: Optional[WorkerProcess] = None
+        self.warm = False
+        self.request_id: Optional[int] = None
+        self.temp_dir: Optional[str] = None
+        self.result: Any = None
+        self.error_message: Optional[str] = None
+        self.raw_lines: List[str] = []
+        self.metrics = MetricHistory()
+        self.task: Optional[str] = None
+        self.model = "student"
+        self.device = "auto"
+        self.seed: Optional[Sequence[float]] = None
+        self.input_path: Optional[str] = None
+        self.output_path: Optional[str] = None
+        self.model_path: Optional[Path] = None
+        self.output: Any = None  # what the caller made of the result (e.g. a segmentation node)
+        self.use_warm_worker = False
+        self.warm_fallback_tried = False
+        self.retried_on_cpu = False
+        self.stop_deadline: Optional[float] = None
+        self.context: Dict[str, Any] = {}
+        self.progress_callback = progress_callback
+        self.log_callback = log_callback
+        self.finished_callback = finished_callback
+        self._last_progress_report = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.status != "running"
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start_time
+
+    def log(self, message: str, level: str = "info") -> None:
+        if self.log_callback:
+            self.log_callback(str(message), level or "info")
+
+    def report_progress(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress_callback and (force or now - self._last_progress_report > 0.25):
+            self._last_progress_report = now
+            self.progress_callback(self)
+
+
+class RunManager:
+    """Starts worker runs and advances them each time :meth:`poll` is called (from a GUI timer).
+
+    Segmentations go to a persistent worker (``kdseg serve``) when ``use_warm_worker`` is set, so the start-up
+    cost is paid once; a GPU out-of-memory error is retried once on the CPU; a run is cancelled by killing its
+    process tree; a distillation is first asked to stop cleanly (:meth:`request_stop`). Hooks let the caller
+    turn a result into its own objects (:attr:`on_segment_result`) and plot metrics (:attr:`on_metric`).
+    """
+
+    def __init__(self, python_executable: Optional[Callable[[], str]] = None,
+                 env: Optional[Callable[[], Dict[str, str]]] = None):
+        self.python_executable = python_executable or python_for_worker
+        self.env = env or worker_env
+        self.active: List[Run] = []
+        self.on_segment_result: Optional[Callable[[Run], str]] = None
+        self.on_metric: Optional[Callable[[Run], None]] = None
+        self._warm: Optional[WorkerProcess] = None
+        self._warm_unavailable = False  # the engine has no persistent mode: stop trying it
+        self._request_id = 0
+        self._leftover_dirs: List[str] = []
+
+    # -- starting -------------------------------------------------------------------------------------------
+    def busy(self, kind: str) -> Optional[Run]:
+        return next((r for r in self.active if r.kind == kind), None)
+
+    def start_segment(self, run: Run) -> Run:
+        """``run`` has task, input_path, output_path, model, device, seed and use_warm_worker set."""
+        run.use_warm_worker = run.use_warm_worker and not self._warm_unavailable
+        self._launch_segment(run)
+        self.active.append(run)
+        return run
+
+    def start_command(self, run: Run, command: Sequence[str]) -> Run:
+        run.log("Command: " + subprocess.list2cmdline([str(c) for c in command]))
+        run.worker = WorkerProcess(command, env=self.env()).start()
+        self.active.append(run)
+        return run
+
+    def _new_warm_worker(self) -> WorkerProcess:
+        self._warm = WorkerProcess(serve_command(self.python_executable()), env=self.env(), interactive=True).start()
+        return self._warm
+
+    def _launch_segment(self, run: Run) -> None:
+        run.result = None
+        run.error_message = None
+        if run.use_warm_worker:
+            if self._warm is None or not self._warm.running:
+                run.log("Starting the worker process (kept running for the next runs).")
+                self._new_warm_worker()
+            self._request_id += 1
+            run.request_id = self._request_id
+            run.warm = True
+            run.worker = self._warm
+            request = segment_request(run.request_id, run.task, run.input_path, run.output_path, model=run.model,
+                                      device=run.device, seed_ras=run.seed)
+            try:
+                run.worker.send(request)
+            except OSError:
+                # it exited between two runs: start a fresh one
+                run.worker.cancel()
+                run.worker = self._new_warm_worker()
+                run.worker.send(request)
+        else:
+            command = segment_command(self.python_executable(), run.task, run.input_path, run.output_path,
+                                      model=run.model, device=run.device, seed_ras=run.seed)
+            run.log("Command: " + subprocess.list2cmdline(command))
+            run.warm = False
+            run.worker = WorkerProcess(command, env=self.env()).start()
+
+    # -- stopping -------------------------------------------------------------------------------------------
+    def cancel(self, run: Run) -> None:
+        self.stop(run, "cancelled", "Cancelled.")
+
+    def stop(self, run: Run, status: str, message: str) -> None:
+        """Kill the run's process tree and end it."""
+        if run.done:
+            return
+        if run.worker is not None:
+            # A request inside the persistent worker cannot be interrupted alone, so that worker goes too.
+            run.worker.cancel()
+            if run.warm and run.worker is self._warm:
+                self._warm = None
+        self._finish(run, status, message)
+
+    def request_stop(self, run: Run, grace_s: float = 30.0) -> None:
+        """Ask the run to stop cleanly (a trainer keeps its last checkpoint); killed after ``grace_s``."""
+        if run.done or run.stop_deadline is not None or run.worker is None:
+            return
+        run.log("Stopping (the last good checkpoint is kept)...", "warning")
+        run.worker.terminate()
+        run.stop_deadline = time.monotonic() + grace_s
+
+    def shutdown(self, grace_s: float = 5.0) -> None:
+        """Stop everything: the module is unloaded or the application closes."""
+        for run in list(self.active):
+            if run.kind == "distill" and run.worker is not None:
+                run.worker.cancel(grace_s=grace_s)  # time to keep the last checkpoint
+            self.stop(run, "cancelled", "Cancelled.")
+        if self._warm is not None:
+            self._warm.cancel()
+            self._warm = None
+        self._remove_leftovers()
+
+    def wait(self, run: Run, timeout_s: Optional[float] = None, idle: Optional[Callable[[], None]] = None) -> Run:
+        """Block until ``run`` ends (scripts and tests); ``idle`` keeps a GUI responsive."""
+        start = time.monotonic()
+        while not run.done:
+            self.poll()
+            if idle:
+                idle()
+            time.sleep(0.02)
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                self.stop(run, "failed", f"No result after {timeout_s:.0f} s.")
+        return run
+
+    # -- polling --------------------------------------------------------------------------------------------
+    def poll(self) -> None:
+        for run in list(self.active):
+            if run.done:
+                continue
+            try:
+                self._poll_run(run)
+            except Exception as exc:  # a bug must end the run, not the timer
+                logging.getLogger(__name__).exception("worker run failed")
+                self.stop(run, "failed", f"{type(exc).__name__}: {exc}")
+        self._remove_leftovers()
+
+    def _poll_run(self, run: Run) -> None:
+        w = run.worker
+        for event in w.poll_events(500):
+            if run.warm:
+                event_id = event.get("id")
+                if event_id is not None and event_id != run.request_id:
+                    continue  # left over from a request that was cancelled
+            self._handle_event(run, event)
+            if run.warm and event.get("id") == run.request_id and event.get("event") in ("result", "error"):
+                self._process_done(run, 0 if event["event"] == "result" else None)
+                return
+        if run.done:
+            return
+        if run.stop_deadline is not None and (w.finished or time.monotonic() > run.stop_deadline):
+            w.cancel()
+            self._finish(run, "cancelled", "Cancelled; the last good checkpoint was kept.")
+            return
+        if run.warm:
+            if w.finished:
+                self._warm = None
+                if not run.warm_fallback_tried:
+                    # e.g. an engine without the persistent mode: run this one as a plain process instead
+                    run.warm_fallback_tried = True
+                    run.use_warm_worker = False
+                    self._warm_unavailable = not run.stage  # it never got to work on the request
+                    run.log(f"The persistent worker stopped (exit code {w.returncode}); running this "
+                            "segmentation in a new process.", "warning")
+                    self._launch_segment(run)
+                    return
+                self._fail(run, run.error_message or f"The worker process stopped unexpectedly "
+                                                     f"(exit code {w.returncode}); see the log.")
+                return
+        elif w.finished:
+            self._process_done(run, w.returncode)
+            return
+        run.report_progress()
+
+    def _handle_event(self, run: Run, event: Dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            run.stage = describe_progress(event)
+            try:
+                run.fraction = min(max(float(event.get("fraction") or 0.0), 0.0), 1.0)
+            except (TypeError, ValueError):
+                pass
+            run.report_progress()
+        elif kind == "log":
+            if run.kind == "models" and event.get("raw"):
+                run.raw_lines.append(str(event.get("message", "")))
+            else:
+                run.log(str(event.get("message", "")), str(event.get("level") or "info"))
+        elif kind == "metric":
+            if run.metrics.add(event) and self.on_metric:
+                self.on_metric(run)
+            run.log(format_metric(event))
+        elif kind == "result":
+            run.result = event
+        elif kind == "error":
+            run.error_message = str(event.get("message") or "unknown error")
+            run.log(run.error_message, "error")
+
+    def _process_done(self, run: Run, return_code: Optional[int]) -> None:
+        failure = run.error_message or f"The worker exited with code {return_code}; see the log."
+        if run.kind == "segment":
+            if return_code != 0 or not run.result:
+                self._fail(run, failure)
+                return
+            if run.result.get("device"):
+                run.device = str(run.result["device"])
+            try:
+                summary = self.on_segment_result(run) if self.on_segment_result else format_volumes(run.result)
+            except Exception as exc:
+                self._finish(run, "failed", f"The result could not be loaded: {exc}")
+                return
+            self._finish(run, "succeeded", summary)
+        elif run.kind == "distill":
+            if self.on_metric:
+                self.on_metric(run)
+            if return_code == 0 and run.result:
+                run.model_path = Path(run.result.get("path") or run.model_path)
+                self._finish(run, "succeeded", f"New model: {run.model_path.name}")
+            elif run.stop_deadline is not None:
+                self._finish(run, "cancelled", "Cancelled; the last good checkpoint was kept.")
+            else:
+                self._fail(run, failure)
+        elif run.kind == "models":
+            if return_code != 0:
+                self._finish(run, "failed", run.error_message or (run.raw_lines[-1] if run.raw_lines else failure))
+                return
+            try:
+                run.result = parse_models_output(run.raw_lines)
+            except ValueError as exc:
+                self._finish(run, "failed", str(exc))
+                return
+            self._finish(run, "succeeded", "")
+        else:
+            self._finish(run, "succeeded" if return_code == 0 else "failed",
+                         "" if return_code == 0 else failure)
+
+    def _fail(self, run: Run, message: str) -> None:
+        if run.kind == "segment" and not run.retried_on_cpu and run.device != "cpu" and is_gpu_oom(message):
+            run.retried_on_cpu = True
+            run.device = "cpu"
+            run.log("The GPU ran out of memory; running again on the CPU (slower, same result).", "warning")
+            try:
+                self._launch_segment(run)
+            except Exception as exc:
+                self._finish(run, "failed", f"{message}; the CPU rerun could not start: {exc}")
+            return
+        self._finish(run, "failed", message)
+
+    def _finish(self, run: Run, status: str, message: str) -> None:
+        if run.done:
+            return
+        run.status = status
+        run.message = message
+        if run in self.active:
+            self.active.remove(run)
+        if run.worker is not None and not run.warm and run.worker.running:
+            run.worker.cancel()  # never leave a child behind
+        self._remove_temp_dir(run)
+        run.report_progress(force=True)
+        if run.finished_callback:
+            run.finished_callback(run)
+
+    def _remove_temp_dir(self, run: Run) -> None:
+        import shutil
+
+        if run.temp_dir:
+            temp_dir, run.temp_dir = run.temp_dir, None
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            if os.path.exists(temp_dir):
+                # Windows keeps the files of a just-killed process locked for a moment: retried on later polls
+                self._leftover_dirs.append(temp_dir)
+
+    def _remove_leftovers(self) -> None:
+        import shutil
+
+        for temp_dir in list(self._leftover_dirs):
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            if not os.path.exists(temp_dir):
+                self._leftover_dirs.remove(temp_dir)

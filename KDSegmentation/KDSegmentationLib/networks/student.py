@@ -8,11 +8,14 @@ and an additive (FPN-like) decoder, which costs less than concatenation.
 
 Layout for ``stem_stride=2, depth=4`` (strides in brackets; see ``common`` for the naming convention)::
 
-    x ─ conv3x3 ───────────────────────────────────────────── enc0 [1] ─┐ (+) refine ─ dec0 [1] ─ 1x1 ─ logits
-    x ─ stem conv3x3/2 ─ IR* ─ enc1 [2] ─────────────────────────────┐ (+) IR ─ dec1 [2] ─┘ ^1x1, up
-                 IR/2 ─ IR* ─ enc2 [4] ─────────────────────┐ (+) IR ─ dec2 [4] ─┘
-                 IR/2 ─ IR* ─ enc3 [8] ────────────┐ (+) IR ─ dec3 [8] ─┘
-                 IR/2 ─ IR* ─ bottleneck [16] ─ 1x1, up ─┘
+    enc0 [1]          = conv3x3(x)                          full-resolution skip
+    enc1 [2]          = IR(conv3x3/2(x))                    stem; its blocks do not expand
+    enc2 [4], enc3 [8], bottleneck [16]
+                      = IR/2 then IR, each level            IR: inverted residual, /2: stride 2
+    dec3 [8]          = IR(up(1x1(bottleneck)) + enc3)      additive skip; the 1x1 runs on the coarse map
+    dec2 [4], dec1 [2]  likewise
+    dec0 [1]          = dwsep3x3(up(1x1(dec1)) + enc0)      full-resolution refinement
+    logits [1]        = 1x1(dec0)
 
 Normalisation defaults to BatchNorm: at inference it is a per-channel affine map (foldable into the convolution),
 whereas InstanceNorm computes statistics over the whole image on every call. With very small batches choose
@@ -133,7 +136,7 @@ class MobileStudent(nn.Module):
             ``channels`` lists them explicitly. Linear rather than doubling growth keeps the deep 1x1 convolutions
             (which hold most parameters) small.
         depth: number of halvings: the bottleneck is at stride ``2**depth``; inputs are padded to that multiple.
-        expansion: expansion factor of the encoder's inverted residual blocks.
+        expansion: expansion factor of the encoder's inverted residual blocks (not of the stem level's: see below).
         stem_stride: 1, 2 or 4: stride of the stem (the first level with encoder blocks).
         channels: optional explicit channels per level, from the stem level to the bottleneck.
         blocks: stride-1 inverted residual blocks after each level's entry (int, or one per level).
@@ -141,6 +144,10 @@ class MobileStudent(nn.Module):
         full_res_channels: channels of the full-resolution path (input skip 'enc0' + refinement 'dec0'); 0 disables
             it: the head then runs at the stem's stride and its logits are upsampled (cheapest, fine for big organs).
         norm: 'batch' (default, fastest inference), 'group', 'instance' or 'none'.
+        upsample_mode: decoder upsampling, 'linear' (default) or 'nearest' (cheaper for large 3D maps).
+
+    The stem level's blocks never expand (its maps are the largest); 2D inputs on CPU run in channels-last layout
+    (faster depthwise convolutions); the logits are returned contiguous, the features in that layout.
 
     ``forward(x)`` -> logits (B, out_channels, *x.shape[2:]) for any input size;
     ``forward(x, return_features=True)`` -> (logits, OrderedDict name -> (B, feature_channels[name], *ceil(S/stride))).
@@ -149,7 +156,8 @@ class MobileStudent(nn.Module):
     def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, width: int = 16,
                  depth: int = 4, expansion: float = 4, stem_stride: int = 2,
                  channels: Optional[Sequence[int]] = None, blocks: Union[int, Sequence[int]] = 1,
-                 decoder_expansion: float = 2, full_res_channels: int = 8, norm: str = "batch"):
+                 decoder_expansion: float = 2, full_res_channels: int = 8, norm: str = "batch",
+                 upsample_mode: str = "linear"):
         super().__init__()
         if stem_stride not in (1, 2, 4):
             raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
@@ -172,6 +180,7 @@ class MobileStudent(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.depth = depth
+        self.upsample_mode = upsample_mode
         self.multiple = 2 ** depth
         self.levels = list(range(first, depth + 1))  # log2 strides of the encoder levels
         names = [f"enc{k}" for k in self.levels[:-1]] + ["bottleneck"]
@@ -252,16 +261,17 @@ class MobileStudent(nn.Module):
         for j, (lateral, block) in enumerate(zip(self.laterals, self.decoder)):
             i = len(skips) - 2 - j
             skip = skips[i]
-            h = block(upsample(lateral(h), skip.shape[2:]) + skip)
+            # in-place add: the upsampled temporary is not needed again, one large allocation fewer
+            h = block(upsample(lateral(h), skip.shape[2:], self.upsample_mode).add_(skip))
             feats[f"dec{self.levels[i]}"] = h
         if skip0 is not None:
-            h = self.refine(upsample(self.full_res_lateral(h), skip0.shape[2:]) + skip0)
+            h = self.refine(upsample(self.full_res_lateral(h), skip0.shape[2:], self.upsample_mode).add_(skip0))
             feats["dec0"] = h
             logits = self.head(h)
         else:
             logits = self.head(h)
             if self.levels[0] > 0:
-                logits = upsample(logits, xp.shape[2:])
+                logits = upsample(logits, xp.shape[2:], self.upsample_mode)
         logits = crop_to(logits, size).contiguous()
         if not return_features:
             return logits
