@@ -98,7 +98,7 @@ def test_iter_missing_root_is_input_error(tmp_path):
 
 
 def test_split_is_deterministic_by_patient_and_disjoint():
-    ids = [f"LIDC-IDRI-{i:04d}" for i in range(1, 101)]
+    ids = [f"LIDC-IDRI-{i:04d}" for i in range(4, 104)]   # none of the reserved test patients
     s1 = lung.split_patients(ids, seed=0)
     s2 = lung.split_patients(list(reversed(ids)) + ids[:5], seed=0)   # order and duplicates do not matter
     assert s1 == s2
@@ -296,3 +296,13 @@ def test_paste_back_of_slab_consensus_is_exact(shared_data, pid):
     assert lab.GetOrigin() == ct.GetOrigin() and lab.GetSpacing() == ct.GetSpacing()
     d = lung.nodule_diameter_mm(lab)
     assert 5.0 < d < 60.0
+
+
+def test_patients_with_hu_slabs_are_always_test():
+    from KDSegmentationLib.lung import RESERVED_TEST_PATIENTS, split_patients
+
+    ids = [f"LIDC-IDRI-{i:04d}" for i in range(1, 120)]
+    for seed in range(5):
+        s = split_patients(ids, seed=seed)
+        assert set(RESERVED_TEST_PATIENTS) <= set(s["test"])
+        assert not set(RESERVED_TEST_PATIENTS) & (set(s["train"]) | set(s["val"]))

@@ -124,6 +124,11 @@ def load_nodule(record: NoduleRecord):
     return images, readers, consensus, soft
 
 
+# Patients that also exist in Hounsfield units (the LIDC-IDRI chest-CT slabs): always test, so that the HU-domain
+# evaluation of the full seed-point pipeline is on patients no model has seen.
+RESERVED_TEST_PATIENTS = ("LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003")
+
+
 def split_patients(patient_ids: Sequence[str], seed: int = 0,
                    fractions: Tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Dict[str, List[str]]:
     """Split patients (never their nodules) into train/val/test.
@@ -131,15 +136,18 @@ def split_patients(patient_ids: Sequence[str], seed: int = 0,
     Rule: the unique IDs are ordered by SHA-256 of ``f"{seed}:{patient_id}"``; the first ``round(f_train * N)`` go to
     train, the next ``round(f_val * N)`` to val, the rest to test. It depends only on the set of IDs and the seed
     (not on their order, the platform or the numpy version), so a model card can name its split by the seed.
+    :data:`RESERVED_TEST_PATIENTS` are taken out first and always go to test.
     Returns ``{"train": [...], "val": [...], "test": [...]}``, each sorted.
     """
     if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
         raise ValueError(f"fractions must be three non-negative numbers summing to 1, got {fractions}")
-    ids = sorted(set(str(p) for p in patient_ids))
+    all_ids = sorted(set(str(p) for p in patient_ids))
+    reserved = [p for p in all_ids if p in RESERVED_TEST_PATIENTS]
+    ids = [p for p in all_ids if p not in RESERVED_TEST_PATIENTS]
     ordered = sorted(ids, key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
     n_train = int(round(fractions[0] * len(ids)))
     n_val = min(int(round(fractions[1] * len(ids))), len(ids) - n_train)
-    parts = (ordered[:n_train], ordered[n_train:n_train + n_val], ordered[n_train + n_val:])
+    parts = (ordered[:n_train], ordered[n_train:n_train + n_val], ordered[n_train + n_val:] + reserved)
     return {name: sorted(part) for name, part in zip(SPLITS, parts)}
 
 
