@@ -26,7 +26,8 @@ from conftest import LIB_PARENT, require
 
 RETINA = get_task("retina")
 PATCH = (48, 48)
-TEACHER_ARGS = {"filters": [8, 16, 32, 64]}
+# a small, fast teacher (a wide student): these tests are about the trainer, not about teacher quality
+TEACHER = dict(arch="student_mobile", arch_args={"width": 16})
 
 
 class Events:
@@ -97,7 +98,7 @@ def _cfg(small_drive, output, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def teacher(small_drive, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "teacher.kdseg.pt"
-    train(_cfg(small_drive, out, role="teacher", steps=40, lr=3e-3, arch_args=TEACHER_ARGS, val_every=40))
+    train(_cfg(small_drive, out, role="teacher", steps=30, lr=5e-3, **TEACHER, val_every=30))
     return out
 
 
@@ -123,13 +124,14 @@ def test_distillation_lowers_loss_and_raises_dice(small_drive, teacher, tmp_path
     ev = Events()
     t0 = time.perf_counter()
     out = train(_cfg(small_drive, tmp_path / "student.kdseg.pt", teacher=str(teacher), losses="kd=1", alpha=0.5,
-                     temperature=2.0, steps=40, val_every=20), progress=Progress("json", stream=ev))
+                     temperature=2.0, steps=45, lr=5e-3, val_every=15), progress=Progress("json", stream=ev))
     seconds = time.perf_counter() - t0
     losses = ev.losses()
-    assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2]), losses
+    assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
     assert {"kd", "loss", "lr", "eta_s", "epoch"} <= set(next(e for e in ev.events if "kd" in e))
     best = max(ev.dice())
-    assert best > untrained + 0.2 and best > 0.35, (untrained, ev.dice())
+    # untrained, the student marks about everything as vessel (Dice ~0.3 inside the FOV at this vessel share)
+    assert best > untrained + 0.15 and best > 0.45, (untrained, ev.dice())
     model = load_model(out)
     assert model.role == "student" and model.header["version"] == "1"
     card = model.card
@@ -155,9 +157,11 @@ def test_resumed_run_matches_uninterrupted_run(small_drive, teacher, tmp_path):
     with pytest.raises(CancelledError):
         train(_cfg(small_drive, out, **common), progress=Progress("json", stream=ev), should_stop=ev.should_stop)
     assert not out.exists() and (tmp_path / "parts.kdseg.pt.ckpt" / "last.pt").is_file()
+    stopped_at = [e["step"] for e in ev.events if e.get("stage") == "checkpoint"][-1]
+    assert 5 <= stopped_at < 12
     ev2 = Events()
     train(_cfg(small_drive, out, resume=True, **common), progress=Progress("json", stream=ev2))
-    assert min(e["step"] for e in ev2.events if e["event"] == "metric") == 6  # continued, not restarted
+    assert min(e["step"] for e in ev2.events if e["event"] == "metric") == stopped_at + 1  # continued
 
     a, b = load_model(whole).network.state_dict(), load_model(out).network.state_dict()
     assert a.keys() == b.keys()
@@ -240,8 +244,43 @@ def test_local_distillation_on_unlabelled_images(small_drive, teacher, tmp_path,
 
 def test_cancel_file_stops_cleanly(small_drive, tmp_path):
     flag = tmp_path / "cancel"
-    flag.write_text("")
-    with pytest.raises(CancelledError):
-        train(_cfg(small_drive, tmp_path / "m.kdseg.pt", role="teacher", steps=50, arch_args=TEACHER_ARGS,
-                   cancel_file=str(flag)))
+
+    class TouchAtStep3(Events):  # the file appears while the run is under way, as a panel would create it
+        def write(self, text):
+            super().write(text)
+            if self.last_step() >= 3:
+                flag.write_text("")
+
+    ev = TouchAtStep3()
+    with pytest.raises(CancelledError, match="cancel file"):
+        train(_cfg(small_drive, tmp_path / "m.kdseg.pt", role="teacher", steps=50, log_every=1, **TEACHER,
+                   cancel_file=str(flag)), progress=Progress("json", stream=ev))
+    assert ev.last_step() <= 5  # stopped after the step under way
     assert not (tmp_path / "m.kdseg.pt").exists() and (tmp_path / "m.kdseg.pt.ckpt" / "last.pt").is_file()
+    flag.write_text("")  # present from the start: stops before any work, nothing written
+    with pytest.raises(CancelledError):
+        train(_cfg(small_drive, tmp_path / "n.kdseg.pt", role="teacher", steps=50, **TEACHER,
+                   cancel_file=str(flag)))
+    assert not (tmp_path / "n.kdseg.pt").exists() and not (tmp_path / "n.kdseg.pt.ckpt").exists()
+
+
+def test_ablation_script_tabulates_methods_over_seeds(small_drive, teacher, tmp_path):
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("ablation", REPO / "scripts" / "ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    out = tmp_path / "abl"
+    ablation.main(["--task", "retina", "--data", str(small_drive), "--teacher", str(teacher),
+                   "--test-data", str(small_drive), "--out", str(out), "--methods", "seg,kd",
+                   "--spec", "hint:seg=1,hint=0.5", "--seeds", "0,1", "--steps", "2", "--batch-size", "4",
+                   "--patch", "32,32", "--val-fraction", "0", "--device", "cpu", "--workers", "0"])
+    result = json.loads((out / "ablation.json").read_text())
+    assert [r["method"] for r in result["table"]] == ["seg", "kd", "hint"]
+    assert all(r["n"] == 2 for r in result["table"]) and "delta_vs_seg" in result["table"][1]
+    assert read_header(out / "seg_seed0.kdseg.pt")["card"]["teacher"] is None  # the baseline has no teacher
+    assert read_header(out / "kd_seed1.kdseg.pt")["card"]["seed"] == 1
+    table = (out / "ablation.md").read_text(encoding="utf-8")
+    assert "| kd | `kd=1` |" in table and "±" in table

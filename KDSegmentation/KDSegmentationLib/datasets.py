@@ -198,6 +198,8 @@ def _detect_chase(root: Path) -> Optional[List[Case]]:
 
 
 def _detect_lidc(root: Path) -> Optional[List[Case]]:
+    if (root / "LIDC-IDRI-slices").is_dir():  # the folder that holds it
+        root = root / "LIDC-IDRI-slices"
     if not any(p.is_dir() and p.name.startswith("LIDC-IDRI-") and any(p.glob("nodule-*")) for p in root.iterdir()):
         return None
     from . import lung
@@ -463,7 +465,8 @@ def _prepare_ct_volume(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
 
 
 def _slices_uint8(path: str, task: TaskSpec) -> np.ndarray:
-    """A 2D image or a volume as an (n, h, w) uint8 slice stack; HU volumes are mapped through the task window."""
+    """A 2D image or a volume as an (n, h, w) uint8 slice stack. HU volumes get the LIDC crops' intensity mapping
+    (``lung.hu_to_crop_intensity``, as at inference), so that such slices look like the 8-bit crops."""
     if path.lower().endswith(PHOTO_EXTS):
         from PIL import Image
 
@@ -475,8 +478,9 @@ def _slices_uint8(path: str, task: TaskSpec) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.dtype != np.uint8:
-        lo, hi = task.hu_window
-        arr = np.round(np.clip((arr.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+        from .lung import hu_to_crop_intensity
+
+        arr = np.round(hu_to_crop_intensity(arr.astype(np.float32), task.hu_window) * 255).astype(np.uint8)
     return arr
 
 
@@ -488,16 +492,20 @@ def _prepare_slices(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
         return {"image": np.asarray(images, np.uint8), "label": np.asarray(consensus > 0, np.uint8),
                 "soft": np.asarray(soft, np.float16)}
     out = {"image": _slices_uint8(case.image, task)}
-    if case.label:
-        if case.label.lower().endswith(PHOTO_EXTS):
-            lab = _read_mask_2d(case.label)[None]
-        else:
-            import SimpleITK as sitk
+    if case.label and case.label.lower().endswith(PHOTO_EXTS):
+        lab = _read_mask_2d(case.label)[None]
+    elif case.label or case.structures:
+        import SimpleITK as sitk
 
-            lab = sitk.GetArrayFromImage(_read_sitk(case.label)).astype(np.uint8)
-            lab = lab[None] if lab.ndim == 2 else lab
-        out["label"] = (lab > 0).astype(np.uint8)
-        out["soft"] = out["label"].astype(np.float16)
+        lab = sitk.GetArrayFromImage(_ct_label_image(case)).astype(np.uint8)
+        lab = lab[None] if lab.ndim == 2 else lab
+    else:
+        return out
+    if lab.shape != out["image"].shape:
+        raise InputError(f"label of case {case.case_id} has shape {lab.shape}, its image {out['image'].shape}; "
+                         "slice labels must be on the image grid")
+    out["label"] = (lab > 0).astype(np.uint8)
+    out["soft"] = out["label"].astype(np.float16)
     return out
 
 
@@ -623,7 +631,7 @@ def prepare_cache(cases: Sequence[Case], task: TaskSpec, out_dir, progress=None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "preprocessing": task_preprocessing(task),
             "cases": entries,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         if out_dir.exists():
             old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
             os.replace(out_dir, old)
@@ -648,7 +656,7 @@ def load_cache(cache_dir) -> PreparedCache:
     """Read a cache's manifest (arrays are loaded on demand with :func:`load_arrays`). Never imports SimpleITK."""
     cache_dir = Path(cache_dir)
     try:
-        manifest = json.loads((cache_dir / "manifest.json").read_text())
+        manifest = json.loads((cache_dir / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(f"{cache_dir} is not a readable data cache ({exc}); prepare it again with 'kdseg prepare'")
     if manifest.get("format") != CACHE_FORMAT:
@@ -815,8 +823,12 @@ class PatchDataset:
             else:
                 k = int(rng.integers(n))
             hw = c["image"].shape[1:]
-            centre = (hw[0] // 2, hw[1] // 2) if tuple(hw) == self.patch else \
-                tuple(int(rng.integers(s)) for s in hw)
+            if tuple(hw) == self.patch:  # nodule-centred crops (LIDC): the whole slice
+                centre = (hw[0] // 2, hw[1] // 2)
+            else:  # larger slices: centred on the nodule when this slice shows it
+                fg_px = np.flatnonzero(c["label"][k]) if labelled else np.zeros(0, np.int64)
+                centre = np.unravel_index(int(fg_px[int(rng.integers(len(fg_px)))]), hw) if len(fg_px) else \
+                    tuple(int(rng.integers(s)) for s in hw)
             img = slice_intensity(crop(c["image"][k], centre, self.region), rng, self.augment)[None]
             lab = crop(c["label"][k], centre, self.region) if labelled else None
             if labelled and self.soft_labels:

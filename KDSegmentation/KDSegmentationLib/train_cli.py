@@ -16,6 +16,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -155,6 +156,10 @@ def config_from_args(args):
 
 
 def _run_training(args) -> int:
+    # One BLAS thread per process: each DataLoader worker normalises fundus crops with numpy matrix products, and
+    # a dozen workers each spinning OpenBLAS's default thread pool oversubscribe the CPUs (measured: twice the CPU
+    # time for the same work). Effective only before numpy is first imported, which is the case here.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .progress import Progress
     from .trainer import train
 

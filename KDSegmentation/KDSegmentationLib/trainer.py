@@ -684,6 +684,10 @@ def train(config: TrainConfig, progress: Optional[Progress] = None,
             torch.backends.cudnn.allow_tf32 = True
         seed_everything(cfg.seed)
         return _run(cfg, task, output, ckpt_dir, device, dist, progress, stopper)
+    except CancelledError as exc:
+        if getattr(exc, "signal", None) is None:  # stopped before the loop (data preparation, loading)
+            exc.signal = stopper.signal
+        raise
     finally:
         stopper.close()
         dist.close()
@@ -707,6 +711,9 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
     if criterion.needs_teacher and teacher is None:
         raise InputError(f"losses {spec!r} need a teacher: pass --teacher FILE")
     use_teacher = teacher is not None and criterion.needs_teacher
+    if teacher is not None and not use_teacher:
+        progress.log(f"the losses {spec!r} do not use the teacher; it is ignored", level="warning")
+        teacher = teacher_header = None
     data = load_training_data(cfg, task, progress, stopper, dist, use_teacher)
     if not data.train and not data.unlabelled:
         raise InputError("no training cases")
@@ -949,7 +956,7 @@ def _card(cfg: TrainConfig, task: TaskSpec, data: TrainData, plan: _Plan, state,
     best = state["best"]
     last_val = state["val_history"][-1] if state["val_history"] else None
     teacher = None
-    if cfg.teacher:
+    if cfg.teacher and teacher_header is not None:
         teacher = {"file": Path(cfg.teacher).name, "version": (teacher_header or {}).get("version"),
                    "arch": (teacher_header or {}).get("arch")}
     card = {
@@ -1014,7 +1021,9 @@ def _plot(state: Dict[str, Any], path: Path) -> None:
         keys = [k for k in hist[0] if k not in ("step", "epoch", "lr")]
         for k in keys:
             ax1.plot(steps, [h.get(k, float("nan")) for h in hist], label=k, lw=2 if k == "loss" else 1)
-        ax1.set_yscale("log" if all(h.get("loss", 1) > 0 for h in hist) else "linear")
+        losses = [h.get("loss", float("nan")) for h in hist]
+        if min(losses) > 0 and max(losses) > 20 * min(losses):  # log only when it spans decades
+            ax1.set_yscale("log")
     ax1.set_xlabel("step")
     ax1.set_title("training loss")
     ax1.legend(fontsize=8)

@@ -33,17 +33,19 @@ ARCHITECTURES: Dict[str, Callable[..., torch.nn.Module]] = {
 }
 
 # Shipped configurations. Parameter counts (count_parameters): teacher / student, ratio
-#   liver        5.69M / 226k  (1/25)   3D, inputs padded to multiples of 16
+#   liver        5.69M / 224k  (1/25)   3D
 #   lung_nodule  5.80M /  76k  (1/76)   2D
-#   retina       5.81M /  77k  (1/75)   2D
+#   retina       5.81M /  76k  (1/76)   2D
+# All pad their inputs to multiples of 16 (depth 4).
 _TEACHER_2D = {"filters": [32, 64, 128, 256, 320], "norm": "instance"}
 _DEFAULTS: Dict[str, Dict[str, Tuple[str, Dict[str, Any]]]] = {
     "liver": {
         "teacher": ("teacher_unet", {"filters": [16, 32, 64, 128, 256], "norm": "instance"}),
-        # the whole-CT forward is well inside its budget, so the 3D student can afford a full-resolution path
-        # (small tumours) and a wider encoder than the 2D ones
+        # wider than the 2D students (3D context, two foreground classes); a 4-channel full-resolution path sharpens
+        # small tumours for ~+35% run time over none (measured: 0.36 s without, 0.49 s with 4, 0.58 s with 8
+        # channels on a 160x160x128 grid, 2 threads)
         "student": ("student_mobile", {"width": 20, "depth": 4, "expansion": 4, "stem_stride": 2, "blocks": 1,
-                                       "decoder_expansion": 2, "full_res_channels": 8, "norm": "batch"}),
+                                       "decoder_expansion": 2, "full_res_channels": 4, "norm": "batch"}),
     },
     "lung_nodule": {
         "teacher": ("teacher_unet", _TEACHER_2D),

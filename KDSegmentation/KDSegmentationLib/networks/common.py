@@ -34,7 +34,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple
     pads = []
     for e in reversed(extra):  # F.pad lists the last axis first
         pads += [0, e]
-    # replicate padding needs a pad smaller than the axis for 'reflect' only; replicate works for any size >= 1
+    # replicate, unlike reflect, accepts a pad larger than the axis (a 1-pixel-wide input is valid)
     return F.pad(x, pads, mode="replicate"), size
 
 

@@ -146,8 +146,9 @@ class MobileStudent(nn.Module):
         norm: 'batch' (default, fastest inference), 'group', 'instance' or 'none'.
         upsample_mode: decoder upsampling, 'linear' (default) or 'nearest' (cheaper for large 3D maps).
 
-    The stem level's blocks never expand (its maps are the largest); 2D inputs on CPU run in channels-last layout
-    (faster depthwise convolutions); the logits are returned contiguous, the features in that layout.
+    The stem level's blocks (encoder and decoder) never expand: its maps are the largest. 2D inputs on CPU run in
+    channels-last layout (faster depthwise convolutions); the logits are returned contiguous, the features in that
+    layout.
 
     ``forward(x)`` -> logits (B, out_channels, *x.shape[2:]) for any input size;
     ``forward(x, return_features=True)`` -> (logits, OrderedDict name -> (B, feature_channels[name], *ceil(S/stride))).
@@ -213,7 +214,8 @@ class MobileStudent(nn.Module):
         self.decoder = nn.ModuleList()
         for i in range(n_levels - 2, -1, -1):
             self.laterals.append(ConvNormAct(spatial_dims, channels[i + 1], channels[i], 1, norm=norm, act=False))
-            self.decoder.append(InvertedResidual(spatial_dims, channels[i], channels[i], 1, decoder_expansion, norm))
+            level_expansion = 1 if i == 0 else decoder_expansion  # the stem level is the largest: no expansion
+            self.decoder.append(InvertedResidual(spatial_dims, channels[i], channels[i], 1, level_expansion, norm))
 
         if self.full_res is not None:
             self.full_res_lateral = ConvNormAct(spatial_dims, channels[0], full_res_channels, 1, norm=norm,
@@ -248,25 +250,31 @@ class MobileStudent(nn.Module):
             # oneDNN's depthwise and 1x1 convolutions are much faster on CPU in NHWC (measured 52 -> 32 ms on a
             # fundus image with 2 threads); every layer then keeps that layout
             xp = xp.contiguous(memory_format=torch.channels_last)
+        # features are only kept when asked for: holding the decoder's maps would raise the peak memory in 3D
         feats: "OrderedDict[str, torch.Tensor]" = OrderedDict()
         skip0 = self.full_res(xp) if self.full_res is not None else None
-        if skip0 is not None:
+        if skip0 is not None and return_features:
             feats["enc0"] = skip0
         skips = []
         h = xp
         for name, stage in zip(self._enc_names, self.encoder):
             h = stage(h)
             skips.append(h)
-            feats[name] = h
+            if return_features:
+                feats[name] = h
         for j, (lateral, block) in enumerate(zip(self.laterals, self.decoder)):
             i = len(skips) - 2 - j
-            skip = skips[i]
+            skip, skips[i] = skips[i], None  # drop the list's reference: freed as soon as it is used
             # in-place add: the upsampled temporary is not needed again, one large allocation fewer
             h = block(upsample(lateral(h), skip.shape[2:], self.upsample_mode).add_(skip))
-            feats[f"dec{self.levels[i]}"] = h
+            del skip
+            if return_features:
+                feats[f"dec{self.levels[i]}"] = h
         if skip0 is not None:
             h = self.refine(upsample(self.full_res_lateral(h), skip0.shape[2:], self.upsample_mode).add_(skip0))
-            feats["dec0"] = h
+            del skip0
+            if return_features:
+                feats["dec0"] = h
             logits = self.head(h)
         else:
             logits = self.head(h)

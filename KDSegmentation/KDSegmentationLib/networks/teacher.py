@@ -89,11 +89,14 @@ class TeacherUNet(nn.Module):
         for name, block in zip(self._enc_names, self.encoder):
             h = block(h)
             skips.append(h)
-            feats[name] = h
+            if return_features:
+                feats[name] = h
         for j, up in enumerate(self.decoder):
             k = self.depth - 1 - j
             h = up(h, skips[k])
-            feats[f"dec{k}"] = h
+            skips[k] = None  # used: let it be freed (peak memory of whole-volume 3D inference)
+            if return_features:
+                feats[f"dec{k}"] = h
         logits = crop_to(self.head(h), size)
         if not return_features:
             return logits
