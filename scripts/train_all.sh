@@ -1,94 +1,80 @@
 #!/usr/bin/env bash
-# Trains every shipped model (teachers, distilled students) and the runs behind the model cards' cross-validation
-# and KD ablation, with the project's own commands. Meant for one CUDA GPU; runs of one phase go in parallel.
+# Trains every shipped model (teachers, distilled students) and the runs behind the model cards' KD ablation and
+# local-distillation result, with the project's own commands, on a 2-core CPU (no GPU): two runs at a time, one
+# thread each. On a GPU raise the budgets (MINUTES_SCALE) and patch/batch sizes; the recipe stays the same.
 #
-#   bash scripts/train_all.sh TASKS DATA_ROOT OUT_DIR
+#   bash scripts/train_all.sh STEP DATA_ROOT OUT_DIR
 #
-# TASKS: any of "liver lung_nodule retina" (space separated, quoted). DATA_ROOT holds, for each task, either the
-# dataset or its prepared cache ('kdseg prepare'): liver -> RadCT (RadCTTACEomics case folders), lung_nodule -> LIDC
-# (LIDC-IDRI-slices), retina -> DRIVE and CHASE (CHASE_DB1; only its images are used, for local distillation).
-# MINUTES_SCALE (default 1) scales every time budget (e.g. 0.02 for a smoke test on a CPU); DEVICE (default cuda).
+# STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver_teacher,
+# liver_student, ablation, local_distill (teachers before their students).
+# DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders),
+# LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1). MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
-TASKS=${1:?tasks}; DATA=${2:?data root}; OUT=${3:?output folder}
-SCALE=${MINUTES_SCALE:-1}; DEVICE=${DEVICE:-cuda}; WORKERS=${WORKERS:-1}
+STEP=${1:?step}; DATA=${2:?data root}; OUT=${3:?output folder}
+SCALE=${MINUTES_SCALE:-1}; DEVICE=${DEVICE:-cpu}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
-export PYTHONPATH="$HERE/KDSegmentation${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONPATH="$HERE/KDSegmentation${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 m() { python3 -c "print(round($1*$SCALE, 3))"; }
-kd() { local log=$1; shift; python3 -m KDSegmentationLib "$@" --device "$DEVICE" --workers "$WORKERS" --progress json \
+kd() { local log=$1; shift; python3 -m KDSegmentationLib "$@" --device "$DEVICE" --progress json \
          > "$OUT/$log.log" 2>&1 || echo "FAILED: $log (see $log.log)" | tee -a "$OUT/failures.txt"; }
-TEACHER_MIN=$(m 4); STUDENT_MIN=$(m 3)
-KD="--losses kd=1 --alpha 0.5 --temperature 2"
-# the no-KD baseline is the shipped student architecture trained on the labels alone
 student_args() { python3 -c "import json; from KDSegmentationLib.networks import default_arch_args as d; \
 print(json.dumps(d('$1', 'student')[1]))"; }
-NOVAL="--val-every 100000000"   # cross-validation folds: the held-out fold never selects a checkpoint
+KD="--losses kd=1 --alpha 0.5 --temperature 2"
+# CPU-sized teachers for the 2D tasks (about 2M parameters, still >= 20x their students)
+T2D='{"filters": [16, 32, 64, 128, 256]}'
+RET="--data $DATA/DRIVE --patch 128,128 --batch-size 8 --val-fraction 0.15 --val-every 150"
+LUNG="--data $DATA/LIDC --patch 96,96 --batch-size 16 --soft-labels --val-every 300"
+# liver: trained on two thirds of the nine cases (fold 0 of a 3-fold split by case); the other three are never
+# seen, not even for checkpoint selection, so the card's accuracy is on unseen patients
+LIV="--data $DATA/RadCT --folds 3 --fold 0 --val-every 100000000 --patch 48,80,80 --batch-size 2"
 
-liver() {   # 3-fold cross-validation by case (teacher, KD student, no-KD student per fold), then all nine cases
-  local D="$DATA/RadCT" P="--patch 64,96,96 --batch-size 4 --seed 0"
-  for k in 0 1 2; do
-    kd liver_teacher_fold$k train-teacher --task liver --data "$D" --folds 3 --fold $k $NOVAL $P \
-       --max-minutes "$TEACHER_MIN" --output "$OUT/cv/liver_teacher_fold$k.kdseg.pt" &
-    kd liver_student_seg_fold$k train-teacher --task liver --data "$D" --folds 3 --fold $k $NOVAL $P \
-       --arch student_mobile --arch-args "$(student_args liver)" --max-minutes "$STUDENT_MIN" \
-       --output "$OUT/cv/liver_student_seg_fold$k.kdseg.pt" &
-  done
-  kd liver_teacher train-teacher --task liver --data "$D" --val-fraction 0 $P --max-minutes "$TEACHER_MIN" \
-     --output "$OUT/liver_teacher.kdseg.pt" &
-  wait
-  for k in 0 1 2; do
-    kd liver_student_kd_fold$k distill --task liver --data "$D" --folds 3 --fold $k $NOVAL $P $KD \
-       --teacher "$OUT/cv/liver_teacher_fold$k.kdseg.pt" --max-minutes "$STUDENT_MIN" \
-       --output "$OUT/cv/liver_student_kd_fold$k.kdseg.pt" &
-  done
-  kd liver_student distill --task liver --data "$D" --val-fraction 0 $P $KD --teacher "$OUT/liver_teacher.kdseg.pt" \
-     --max-minutes "$STUDENT_MIN" --output "$OUT/liver_student.kdseg.pt" &
-  wait
+retina_teacher() {
+  kd retina_teacher train-teacher --task retina $RET --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
+     --output "$OUT/retina_teacher.kdseg.pt"
 }
-
-lung_nodule() {   # patient split of LIDC-IDRI (lung.split_patients); soft targets from the readers' agreement
-  local D="$DATA/LIDC" P="--batch-size 64 --soft-labels"
-  kd lung_nodule_teacher train-teacher --task lung_nodule --data "$D" $P --seed 0 --max-minutes "$TEACHER_MIN" \
-     --output "$OUT/lung_nodule_teacher.kdseg.pt" &
-  for s in 0 1 2; do
-    kd lung_nodule_student_seg_seed$s train-teacher --task lung_nodule --data "$D" $P --seed $s --arch student_mobile \
-       --arch-args "$(student_args lung_nodule)" --max-minutes "$STUDENT_MIN" \
-       --output "$OUT/ablation_lung_nodule/seg_seed$s.kdseg.pt" &
-  done
-  wait
-  for s in 0 1 2; do
-    kd lung_nodule_student_kd_seed$s distill --task lung_nodule --data "$D" $P $KD --seed $s \
-       --teacher "$OUT/lung_nodule_teacher.kdseg.pt" --max-minutes "$STUDENT_MIN" \
-       --output "$OUT/ablation_lung_nodule/kd_seed$s.kdseg.pt" &
-  done
-  wait
-  cp "$OUT/ablation_lung_nodule/kd_seed0.kdseg.pt" "$OUT/lung_nodule_student.kdseg.pt"
+lung_nodule_teacher() {
+  kd lung_nodule_teacher train-teacher --task lung_nodule $LUNG --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
+     --output "$OUT/lung_nodule_teacher.kdseg.pt"
 }
-
-retina() {   # DRIVE training images (15% held out for validation); CHASE_DB1 never labelled
-  local D="$DATA/DRIVE" P="--patch 256,256 --batch-size 16 --val-fraction 0.15"
-  kd retina_teacher train-teacher --task retina --data "$D" $P --seed 0 --max-minutes "$TEACHER_MIN" \
-     --output "$OUT/retina_teacher.kdseg.pt" &
-  for s in 0 1 2; do
-    kd retina_student_seg_seed$s train-teacher --task retina --data "$D" $P --seed $s --arch student_mobile \
-       --arch-args "$(student_args retina)" --max-minutes "$STUDENT_MIN" \
-       --output "$OUT/ablation_retina/seg_seed$s.kdseg.pt" &
+retina_student() {
+  kd retina_student distill --task retina $RET $KD --seed 0 --teacher "$OUT/retina_teacher.kdseg.pt" \
+     --max-minutes "$(m 7)" --output "$OUT/retina_student.kdseg.pt"
+}
+lung_nodule_student() {
+  kd lung_nodule_student distill --task lung_nodule $LUNG $KD --seed 0 --teacher "$OUT/lung_nodule_teacher.kdseg.pt" \
+     --max-minutes "$(m 7)" --output "$OUT/lung_nodule_student.kdseg.pt"
+}
+liver_teacher() {
+  kd liver_teacher train-teacher --task liver $LIV --seed 0 --max-minutes "$(m 22)" --output "$OUT/liver_teacher.kdseg.pt"
+}
+liver_student() {
+  kd liver_student distill --task liver $LIV $KD --seed 0 --teacher "$OUT/liver_teacher.kdseg.pt" \
+     --max-minutes "$(m 16)" --output "$OUT/liver_student.kdseg.pt"
+}
+ablation() {   # same student, same (short) budget and seeds, with and without the teacher
+  for task in retina lung_nodule; do
+    if [ $task = retina ]; then A=$RET; else A=$LUNG; fi
+    for s in 0 1 2; do
+      kd abl_${task}_seg_$s train-teacher --task $task $A --seed $s --arch student_mobile \
+         --arch-args "$(student_args $task)" --max-minutes "$(m 1.25)" --output "$OUT/ablation_$task/seg_seed$s.kdseg.pt"
+      kd abl_${task}_kd_$s distill --task $task $A $KD --seed $s --teacher "$OUT/${task}_teacher.kdseg.pt" \
+         --max-minutes "$(m 1.25)" --output "$OUT/ablation_$task/kd_seed$s.kdseg.pt"
+    done
   done
-  wait
-  for s in 0 1 2; do
-    kd retina_student_kd_seed$s distill --task retina --data "$D" $P $KD --seed $s \
-       --teacher "$OUT/retina_teacher.kdseg.pt" --max-minutes "$STUDENT_MIN" \
-       --output "$OUT/ablation_retina/kd_seed$s.kdseg.pt" &
-  done
-  wait
-  cp "$OUT/ablation_retina/kd_seed0.kdseg.pt" "$OUT/retina_student.kdseg.pt"
-  # local distillation: the shipped student adapts to another camera from its unlabelled photographs
-  kd retina_student_local_chase distill --task retina --data "$D" $P $KD --seed 0 --unlabeled "$DATA/CHASE" \
+}
+local_distill() {   # local distillation: the shipped retina student adapts to another camera from unlabelled photographs
+  kd retina_student_local_chase distill --task retina $RET $KD --seed 0 --unlabeled "$DATA/CHASE" \
      --unlabeled-fraction 0.5 --init "$OUT/retina_student.kdseg.pt" --teacher "$OUT/retina_teacher.kdseg.pt" \
-     --max-minutes "$(m 1.5)" --lr 5e-4 --output "$OUT/retina_student_local_chase.kdseg.pt"
+     --max-minutes "$(m 3)" --lr 5e-4 --output "$OUT/retina_student_local_chase.kdseg.pt"
 }
-
-for t in $TASKS; do "$t" & done
-wait
-[ -f "$OUT/failures.txt" ] && { cat "$OUT/failures.txt"; exit 1; }
-echo "all runs finished: $OUT"
+if [ "$STEP" = all ]; then
+  # two lanes, one core each: the 3D liver models, and the 2D models with the ablation and local distillation
+  (liver_teacher; liver_student) &
+  (retina_teacher; lung_nodule_teacher; retina_student; lung_nodule_student; ablation; local_distill) &
+  wait
+else
+  "$STEP"
+fi
+if [ -f "$OUT/failures.txt" ]; then cat "$OUT/failures.txt"; exit 1; fi
+echo "finished $STEP: $OUT"

@@ -511,11 +511,17 @@ def _prepare_slices(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
 
 def prepare_case(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
     """Read one raw case and bring it to model space (see the module docstring for the arrays)."""
-    if task.input_kind == "2d-rgb":
-        return _prepare_retina(case, task)
-    if task.spatial_dims == 3:
-        return _prepare_ct_volume(case, task)
-    return _prepare_slices(case, task)
+    try:
+        if task.input_kind == "2d-rgb":
+            return _prepare_retina(case, task)
+        if task.spatial_dims == 3:
+            return _prepare_ct_volume(case, task)
+        return _prepare_slices(case, task)
+    except ModuleNotFoundError as exc:
+        if exc.name != "SimpleITK":
+            raise
+        raise InputError("reading this dataset needs SimpleITK, which is not installed here; run 'kdseg prepare' "
+                         "where it is and pass the prepared cache folder as --data") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def _digest(header: str, state: Dict[str, torch.Tensor]) -> str:
         h.update(name.encode("utf-8"))
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
