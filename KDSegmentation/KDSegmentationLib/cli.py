@@ -365,7 +365,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tune_malloc() -> None:
+    """Keep large tensors on glibc's heap instead of fresh mmaps.
+
+    Why: every mmap-backed tensor pays page faults on first touch; with many large temporaries (3D inference) that
+    made the CPU pipeline about 3x slower. No effect elsewhere than glibc.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)
+        libc.mallopt(m_trim_threshold, 1 << 30)
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    tune_malloc()
     parser = build_parser()
     args = parser.parse_args(argv)
     json_mode = getattr(args, "progress", None) == "json"
