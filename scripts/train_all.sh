@@ -27,7 +27,7 @@ RET="--data $DATA/DRIVE --patch 128,128 --batch-size 8 --val-fraction 0.15 --val
 LUNG="--data $DATA/LIDC --patch 96,96 --batch-size 16 --soft-labels --val-every 300"
 # liver: trained on two thirds of the nine cases (fold 0 of a 3-fold split by case); the other three are never
 # seen, not even for checkpoint selection, so the card's accuracy is on unseen patients
-LIV="--data $DATA/RadCT --folds 3 --fold 0 --val-every 100000000 --patch 48,80,80 --batch-size 2"
+LIV="--data $DATA/RadCT --folds 3 --fold 0 --val-every 100000000 --patch 32,64,64 --batch-size 2"
 
 retina_teacher() {
   kd retina_teacher train-teacher --task retina $RET --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
@@ -46,11 +46,11 @@ lung_nodule_student() {
      --max-minutes "$(m 7)" --output "$OUT/lung_nodule_student.kdseg.pt"
 }
 liver_teacher() {
-  kd liver_teacher train-teacher --task liver $LIV --seed 0 --max-minutes "$(m 22)" --output "$OUT/liver_teacher.kdseg.pt"
+  kd liver_teacher train-teacher --task liver $LIV --seed 0 --max-minutes "$(m 20)" --output "$OUT/liver_teacher.kdseg.pt"
 }
 liver_student() {
   kd liver_student distill --task liver $LIV $KD --seed 0 --teacher "$OUT/liver_teacher.kdseg.pt" \
-     --max-minutes "$(m 16)" --output "$OUT/liver_student.kdseg.pt"
+     --max-minutes "$(m 15)" --output "$OUT/liver_student.kdseg.pt"
 }
 ablation() {   # same student, same (short) budget and seeds, with and without the teacher
   for task in retina lung_nodule; do

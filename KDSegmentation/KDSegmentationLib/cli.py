@@ -210,7 +210,8 @@ def cmd_evaluate(args) -> int:
         result = evaluate_pair(args.task, args.pred, args.ref)
     elif args.data:
         result = evaluate_dataset(args.task, args.data, model=args.model, device=args.device, split=args.split,
-                                  threads=args.threads, progress_mode=args.progress)
+                                  threads=args.threads, progress_mode=args.progress,
+                                  case_ids=[c for c in (args.cases or "").split(",") if c] or None)
     else:
         raise InputError("kdseg evaluate needs either --pred and --ref, or --data DIR")
     text = json.dumps(result, indent=2)
@@ -339,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ref", help="reference segmentation or labelmap")
     s.add_argument("--data", help="dataset folder (any supported layout)")
     s.add_argument("--split", default="test", help="which split of the dataset to evaluate (test, val, train, all)")
+    s.add_argument("--cases", help="comma-separated case ids to evaluate instead of a split")
     s.add_argument("--model", default="student")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--threads", type=int)

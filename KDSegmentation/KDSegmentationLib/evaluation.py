@@ -94,8 +94,9 @@ def select_split(cases, split: str):
 
 
 def evaluate_dataset(task_name: str, data_dir: str, model: str = "student", device: str = "auto",
-                     split: str = "test", threads: Optional[int] = None, progress_mode: str = "none") -> Dict:
-    """Run the model on every case of ``split`` the way a user would and compare with the references."""
+                     split: str = "test", threads: Optional[int] = None, progress_mode: str = "none",
+                     case_ids: Optional[List[str]] = None) -> Dict:
+    """Run the model on every case of ``split`` (or the named cases) the way a user would; compare with references."""
     from .datasets import find_cases
     from .infer import load_task_model, pick_device
     from .metrics import mean_metrics
@@ -105,7 +106,15 @@ def evaluate_dataset(task_name: str, data_dir: str, model: str = "student", devi
     if not Path(data_dir).is_dir():
         raise InputError(f"--data {data_dir} is not a folder")
     progress = Progress(progress_mode)
-    cases, split_used = select_split(find_cases(data_dir, task), split)
+    if case_ids:
+        wanted = set(case_ids)
+        cases = [c for c in find_cases(data_dir, task) if c.case_id in wanted]
+        missing = wanted - {c.case_id for c in cases}
+        if missing:
+            raise InputError(f"cases not found in {data_dir}: {', '.join(sorted(missing))}")
+        split_used = "cases " + ",".join(sorted(wanted))
+    else:
+        cases, split_used = select_split(find_cases(data_dir, task), split)
     if threads:
         import torch
 
