@@ -110,10 +110,11 @@ def _forward(network, x, device):
 def _sliding_or_whole(network, x, roi_zyx: Sequence[int], device, whole_max_voxels: int):
     """Whole-volume forward when it fits (fastest on CPU: no overlap); MONAI sliding window otherwise."""
     import torch
-    from monai.inferers import sliding_window_inference
 
     if x[0, 0].numel() <= whole_max_voxels:
         return _forward(network, x, device)
+    from monai.inferers import sliding_window_inference  # only here: importing MONAI costs seconds of start-up
+
     with torch.inference_mode():
         def predictor(patch):
             if device.type == "cuda":
@@ -150,7 +151,7 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
     import torch
 
     from .postprocess import liver_postprocess
-    from .preprocess import ct_window, prepare_ct_volume, probabilities_to_input_grid
+    from .preprocess import ct_window, labels_on_input_grid, prepare_ct_volume
 
     t = {}
     t0 = time.perf_counter()
@@ -166,8 +167,7 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
     t["inference"] = time.perf_counter() - t0
     progress("postprocessing", 0.0)
     t0 = time.perf_counter()
-    prob_in = probabilities_to_input_grid(prob, prepared)
-    labels = liver_postprocess(np.argmax(prob_in, axis=0).astype(np.uint8))
+    labels = liver_postprocess(labels_on_input_grid(prob, prepared))
     lab = sitk.GetImageFromArray(labels)
     lab.CopyInformation(image)
     t["postprocess"] = time.perf_counter() - t0

@@ -37,7 +37,7 @@ def prepare_ct_volume(image, task: TaskSpec) -> PreparedVolume:
 
     from .geometry import resample_to_spacing
 
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    # resample the integer HU image as it is: a float32 copy of a full-size CT would cost 4 bytes a voxel for nothing
     grid = resample_to_spacing(image, task.spacing_mm, interpolator="linear", default_value=-1024.0)
     hu = sitk.GetArrayFromImage(grid)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
@@ -60,22 +60,32 @@ def ct_window(hu: np.ndarray, task: TaskSpec) -> np.ndarray:
     return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def probabilities_to_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
-    """Class probabilities (C, z, y, x) on the model grid -> (C, Z, Y, X) on the input grid (linear).
+def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on the model grid -> argmax labels uint8 (Z, Y, X) on the input grid.
 
-    Interpolating probabilities (not labels) keeps boundaries sub-voxel accurate when the model grid is coarser.
+    Each class's probability is interpolated (linear) onto the input grid and the argmax is kept as it goes, so the
+    boundaries are sub-voxel accurate although the model grid is coarser, while only one full-size float map is
+    alive at a time (a 512x512x300 CT would otherwise hold C of them).
     """
     import SimpleITK as sitk
 
     from .geometry import resample_like
 
-    out = []
+    best = labels = None
     for c in range(prob_zyx.shape[0]):
         img = sitk.GetImageFromArray(np.ascontiguousarray(prob_zyx[c], dtype=np.float32))
         img.CopyInformation(prepared.grid)
-        out.append(sitk.GetArrayFromImage(resample_like(img, prepared.original, interpolator="linear",
-                                                         default_value=1.0 if c == 0 else 0.0)))
-    return np.stack(out)
+        res = resample_like(img, prepared.original, interpolator="linear", default_value=1.0 if c == 0 else 0.0)
+        p = sitk.GetArrayViewFromImage(res)
+        if best is None:
+            best = np.array(p, dtype=np.float32)
+            labels = np.zeros(best.shape, np.uint8)
+            continue
+        better = p > best
+        labels[better] = c
+        np.maximum(best, p, out=best)
+        del res, p, better
+    return labels
 
 
 def prepare_fundus(rgb: np.ndarray, task: TaskSpec, fov: Optional[np.ndarray] = None) -> PreparedPhoto:
