@@ -6,7 +6,7 @@
 #   bash scripts/train_all.sh STEP DATA_ROOT OUT_DIR
 #
 # STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver_teacher,
-# liver_student, ablation, local_distill (teachers before their students).
+# liver_student, ablation TASK, local_distill (teachers before their students).
 # DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders),
 # LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1). MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
@@ -52,8 +52,8 @@ liver_student() {
   kd liver_student distill --task liver $LIV $KD --seed 0 --teacher "$OUT/liver_teacher.kdseg.pt" \
      --max-minutes "$(m 15)" --output "$OUT/liver_student.kdseg.pt"
 }
-ablation() {   # same student, same (short) budget and seeds, with and without the teacher
-  for task in retina lung_nodule; do
+ablation() {   # TASK: same student, same (short) budget and seeds, with and without the teacher
+  for task in "$@"; do
     if [ $task = retina ]; then A=$RET; else A=$LUNG; fi
     for s in 0 1 2; do
       kd abl_${task}_seg_$s train-teacher --task $task $A --seed $s --arch student_mobile \
@@ -70,11 +70,11 @@ local_distill() {   # local distillation: the shipped retina student adapts to a
 }
 if [ "$STEP" = all ]; then
   # two lanes, one core each: the 3D liver models, and the 2D models with the ablation and local distillation
-  (liver_teacher; liver_student) &
-  (retina_teacher; lung_nodule_teacher; retina_student; lung_nodule_student; ablation; local_distill) &
+  (liver_teacher; liver_student; ablation retina; local_distill) &
+  (retina_teacher; lung_nodule_teacher; retina_student; lung_nodule_student; ablation lung_nodule) &
   wait
 else
-  "$STEP"
+  "$STEP" "${@:4}"
 fi
 if [ -f "$OUT/failures.txt" ]; then cat "$OUT/failures.txt"; exit 1; fi
 echo "finished $STEP: $OUT"

@@ -126,9 +126,7 @@ def format_summary(summary: dict) -> str:
             lines.append(f"    {name}: {st['volume_ml']:.1f} mL{extra}")
         else:
             lines.append(f"    {name}: {st['area_px']} px ({100 * st['fraction_of_fov']:.1f}% of the field of view)")
-    for w in summary.get("warnings", []):
-        lines.append(f"    warning: {w}")
-    return "\n".join(lines)
+    return "\n".join(lines)  # warnings already went to stderr as they happened
 
 
 def cmd_segment(args) -> int:

@@ -733,7 +733,8 @@ def ensure_cache(data_dir, task: TaskSpec, cache_dir=None, progress=None, should
 # training samples
 # ----------------------------------------------------------------------------------------------------------------
 def network_input(arrays: Dict[str, np.ndarray], task: TaskSpec) -> np.ndarray:
-    """Whole-case network input without augmentation: CT (1, z, y, x); retina (3, h, w); slices (n, 1, h, w)."""
+    """Whole-case network input without augmentation: CT (1, z, y, x); retina (3, h, w); nodule slices (n, 2, h, w)
+    (intensity and the click map at the crop centre)."""
     if task.input_kind == "2d-rgb":
         from . import preprocess
 
@@ -742,7 +743,9 @@ def network_input(arrays: Dict[str, np.ndarray], task: TaskSpec) -> np.ndarray:
         from . import preprocess
 
         return np.asarray(preprocess.ct_window(arrays["image"], task), np.float32)[None]
-    return (arrays["image"].astype(np.float32) / 255.0)[:, None]
+    from .lung import network_stack
+
+    return network_stack(arrays["image"].astype(np.float32) / 255.0)
 
 
 class PatchDataset:
@@ -836,6 +839,11 @@ class PatchDataset:
                 centre = np.unravel_index(int(fg_px[int(rng.integers(len(fg_px)))]), hw) if len(fg_px) else \
                     tuple(int(rng.integers(s)) for s in hw)
             img = slice_intensity(crop(c["image"][k], centre, self.region), rng, self.augment)[None]
+            # the click channel: the crop is centred where the user would click (the nodule), and the spatial
+            # augmentation below moves it together with the image
+            from .lung import click_map
+
+            img = np.concatenate([img, click_map(self.region, (self.region[0] // 2, self.region[1] // 2))[None]])
             lab = crop(c["label"][k], centre, self.region) if labelled else None
             if labelled and self.soft_labels:
                 s = c["soft"][k] if "soft" in c else c["label"][k]

@@ -191,11 +191,11 @@ def _eval_lidc_nodule(case, task: TaskSpec, loaded, dev) -> Dict:
     import torch
 
     from .infer import _forward
-    from .lung import load_nodule, select_component
+    from .lung import load_nodule, network_stack, select_component
     from .metrics import segmentation_metrics
 
     images, _, consensus, soft = load_nodule(case.record)
-    x = torch.from_numpy(images.astype(np.float32) / 255.0)[:, None]
+    x = torch.from_numpy(network_stack(images.astype(np.float32) / 255.0))
     prob = _forward(loaded.network, x, dev)[:, 1].cpu().numpy()
     seed = (images.shape[0] // 2, images.shape[1] // 2, images.shape[2] // 2)
     pred = select_component(prob >= 0.5, seed, (1.0, 1.0, 1.0), 10.0).astype(np.uint8)

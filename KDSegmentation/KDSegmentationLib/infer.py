@@ -177,13 +177,13 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
 def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> SegmentationResult:
     import torch
 
-    from .lung import extract_seed_region, nodule_diameter_mm, paste_back
+    from .lung import extract_seed_region, network_stack, nodule_diameter_mm, paste_back
 
     t = {}
     t0 = time.perf_counter()
     progress("preprocessing", 0.0)
     region = extract_seed_region(image, seed_ras, task)
-    x = torch.from_numpy(np.ascontiguousarray(region.stack, dtype=np.float32))[:, None]
+    x = torch.from_numpy(network_stack(region.stack))
     t["preprocess"] = time.perf_counter() - t0
     progress("inference", 0.0)
     t0 = time.perf_counter()

@@ -36,6 +36,8 @@ class TaskSpec:
     input_kind: str                  # "3d-ct" or "2d-rgb"
     spatial_dims: int                # of the network: 3 (liver), 2 (lung nodule slices, retina)
     labels: Tuple[Label, ...]
+    # network input channels: CT intensity (1); RGB (3); nodule slices: intensity and the click map (2)
+    input_channels: int = 1
     # model grid: CT tasks resample to this spacing (x, y, z) mm; None keeps the native in-plane spacing
     spacing_mm: Optional[Tuple[float, float, float]] = None
     # CT intensity window (HU) mapped to [0, 1] before the network
@@ -101,6 +103,7 @@ LUNG_NODULE = _register(TaskSpec(
     modality="CT",
     input_kind="3d-ct",
     spatial_dims=2,
+    input_channels=2,
     labels=(
         Label(1, "Lung nodule", (255, 200, 0),
               Terminology(_ALTERED, ("SCT", "27925004", "Nodule"), region=("SCT", "39607008", "Lung"))),
@@ -121,6 +124,7 @@ RETINA = _register(TaskSpec(
     modality="fundus photograph",
     input_kind="2d-rgb",
     spatial_dims=2,
+    input_channels=3,
     labels=(
         Label(1, "Retinal vessels", (216, 101, 79),
               Terminology(_ANATOMY, ("KDSEG", "RV0001", "Retinal blood vessel"),

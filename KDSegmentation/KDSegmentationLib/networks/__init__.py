@@ -91,7 +91,7 @@ def default_arch_args(task_name: str, role: str) -> Tuple[str, Dict[str, Any]]:
         raise ValueError(f"no default networks for task {task.name!r}")
     arch, args = _DEFAULTS[task.name][role]
     args = copy.deepcopy(args)
-    args.update(spatial_dims=task.spatial_dims, in_channels=3 if task.input_kind == "2d-rgb" else 1,
+    args.update(spatial_dims=task.spatial_dims, in_channels=task.input_channels,
                 out_channels=task.num_classes)
     return arch, args
 
