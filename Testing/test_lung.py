@@ -306,3 +306,14 @@ def test_patients_with_hu_slabs_are_always_test():
         s = split_patients(ids, seed=seed)
         assert set(RESERVED_TEST_PATIENTS) <= set(s["test"])
         assert not set(RESERVED_TEST_PATIENTS) & (set(s["train"]) | set(s["val"]))
+
+
+def test_click_channel_marks_the_seed():
+    stack = np.random.default_rng(0).random((3, 128, 128)).astype(np.float32)
+    x = lung.network_stack(stack)
+    assert x.shape == (3, 2, 128, 128)
+    np.testing.assert_array_equal(x[:, 0], stack)
+    assert np.unravel_index(np.argmax(x[1, 1]), (128, 128)) == (64, 64)
+    off = lung.network_stack(stack, centre=(20, 100))
+    assert np.unravel_index(np.argmax(off[0, 1]), (128, 128)) == (20, 100)
+    assert off[0, 1, 20, 100] == pytest.approx(1.0) and off[0, 1, 64, 64] < 1e-3

@@ -114,7 +114,7 @@ def test_default_configs(task, tmp_path):
         arch, args = default_arch_args(task, role)
         assert json.loads(json.dumps(args)) == args  # stored in the model file header
         assert args["spatial_dims"] == spec.spatial_dims and args["out_channels"] == spec.num_classes
-        assert args["in_channels"] == (3 if spec.input_kind == "2d-rgb" else 1)
+        assert args["in_channels"] == spec.input_channels
         nets[role] = build_network(arch, **args)
     n_teacher, n_student = count_parameters(nets["teacher"]), count_parameters(nets["student"])
     assert n_student * 20 <= n_teacher, (task, n_student, n_teacher)
