@@ -322,7 +322,7 @@ def _slice_arrays():
 
 
 @pytest.mark.parametrize("task,arrays,patch,channels", [
-    (RETINA, _retina_arrays, (64, 64), 3), (LIVER, _ct_arrays, (16, 32, 32), 1), (LUNG, _slice_arrays, (128, 128), 1),
+    (RETINA, _retina_arrays, (64, 64), 3), (LIVER, _ct_arrays, (16, 32, 32), 1), (LUNG, _slice_arrays, (128, 128), 2),
 ])
 def test_patch_dataset_items(task, arrays, patch, channels):
     import torch
