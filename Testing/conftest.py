@@ -32,3 +32,15 @@ def require(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: with one thread no OpenMP synchronisation is needed, which otherwise costs tens of milliseconds
+    per operation when other processes busy the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,15 +17,9 @@ CH_S = {"enc1": 4, "bottleneck": 6, "dec1": 4}
 CH_T = {"enc1": 8, "bottleneck": 12, "dec1": 8}
 COMMON = dict(student_channels=CH_S, teacher_channels=CH_T, spatial_dims=2)
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: with one thread no OpenMP synchronisation is needed, which otherwise costs tens of
-    milliseconds per operation when other processes busy the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 def _logits_from_probs(*probs):

@@ -15,15 +15,9 @@ from KDSegmentationLib.networks.student import ConvNormAct
 
 TASKS = ("liver", "lung_nodule", "retina")
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: with one thread no OpenMP synchronisation is needed, which otherwise costs tens of
-    milliseconds per operation when other processes busy the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 # small configurations: the contract does not depend on width, and these run in milliseconds
 SMALL = {

@@ -164,6 +164,8 @@ def main(argv=None):
     p.add_argument("--models", type=Path, default=REPO / "Resources" / "Models")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-update", action="store_true", help="do not write the metrics into the model files")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the held-out metrics already stored in a model file's card instead of recomputing")
     args = p.parse_args(argv)
 
     from KDSegmentationLib.modelfile import load_model, read_header, save_model
@@ -176,7 +178,12 @@ def main(argv=None):
                 print(f"missing {path}", flush=True)
                 continue
             header = read_header(path)
-            evals = evaluate_model(task, path, args.data, args.threads, header)
+            stored = header["card"].get("evaluation_full")
+            if args.reuse and stored and [r["title"] for r in stored] == [t for t, *_ in EVALS[task]]:
+                evals = stored
+                print(f"{path.name}: stored evaluation kept", flush=True)
+            else:
+                evals = evaluate_model(task, path, args.data, args.threads, header)
             entries.append({"name": path.name[:-len(".kdseg.pt")], "header": header, "evaluations": evals})
     ablations, local = {}, {}
     if args.runs:
@@ -212,6 +219,7 @@ def main(argv=None):
             card = dict(h["card"])
             card["evaluation"] = [{"title": r["title"], "data": r["data"], "split": r["split"],
                                    "n_cases": r["n_cases"], "mean": r["mean"]} for r in e["evaluations"]]
+            card["evaluation_full"] = e["evaluations"]  # per case too, so that the cards can be rebuilt
             save_model(path, loaded.network, arch=h["arch"], arch_args=h["arch_args"], task=h["task"],
                        role=h["role"], version=h.get("version", "1"), preprocessing=h.get("preprocessing"),
                        labels={int(k): v for k, v in h.get("labels", {}).items()}, card=card)

@@ -11,6 +11,8 @@ from typing import Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from .postprocess import largest_component
+
 # FOV threshold between the dark surround and the retina, as a fraction of the way from one level to the other.
 FOV_LEVEL_FRACTION = 0.25
 # Background (illumination) estimate: Gaussian sigma as a fraction of the FOV diameter. 1/50 is about 11 px at
@@ -40,15 +42,6 @@ def _otsu(values_u8: np.ndarray) -> int:
     return int(np.argmax(between))
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
 def fov_mask(rgb: np.ndarray) -> np.ndarray:
     """Field of view of a fundus photo: (H, W, 3) uint8 -> (H, W) bool.
 
@@ -74,7 +67,7 @@ def fov_mask(rgb: np.ndarray) -> np.ndarray:
     mask = bright > bg + FOV_LEVEL_FRACTION * (fg - bg)
     # opening removes thin bright artefacts touching the disc (camera text, reflections) before picking the disc
     mask = ndi.binary_opening(mask, iterations=2)
-    mask = _largest_component(mask)
+    mask = largest_component(mask)
     return ndi.binary_fill_holes(mask)
 
 
