@@ -167,7 +167,7 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
     t["inference"] = time.perf_counter() - t0
     progress("postprocessing", 0.0)
     t0 = time.perf_counter()
-    labels = liver_postprocess(labels_on_input_grid(prob, prepared))
+    labels = labels_on_input_grid(prob, prepared, postprocess=liver_postprocess)
     lab = sitk.GetImageFromArray(labels)
     lab.CopyInformation(image)
     t["postprocess"] = time.perf_counter() - t0
