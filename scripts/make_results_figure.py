@@ -39,16 +39,16 @@ def main(argv=None):
             info = write_sample(task_name, Path(tmp))
             out = Path(tmp) / f"{task_name}.nii.gz"
             summary = run_segment(task_name, info["path"], str(out), seed_ras=info.get("seed_ras"), threads=2)
-            img = sitk.GetArrayFromImage(sitk.ReadImage(info["path"]))
-            lab = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+            img, lab = sitk.ReadImage(info["path"]), sitk.ReadImage(str(out))
+            if task.input_kind != "2d-rgb":  # radiological view: anterior up, patient's right on the left
+                img, lab = sitk.DICOMOrient(img, "LPS"), sitk.DICOMOrient(lab, "LPS")
+            img, lab = sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(lab)
             if task.input_kind == "2d-rgb":
                 base, lab2 = img.reshape(img.shape[-3:]), lab.reshape(img.shape[-3:-1])
             else:
                 k = int(np.argmax((lab > 0).sum(axis=(1, 2)))) if lab.any() else lab.shape[0] // 2
                 base = np.clip((img[k].astype(float) + 1000) / 1400, 0, 1)
                 lab2 = lab[k]
-                if task_name == "liver":  # axial slices are stored feet-first; show them as radiologists do
-                    base, lab2 = base[::-1], lab2[::-1]
             ax.imshow(base, cmap="gray" if base.ndim == 2 else None)
             for label in task.labels:
                 mask = np.ma.masked_where(lab2 != label.value, np.ones_like(lab2, float))
