@@ -232,8 +232,6 @@ def cmd_serve(args) -> int:
     "device": ..., "seed_ras": [x, y, z]}; {"command": "quit"} or end of input stops the worker. Start-up
     (imports, model load) is paid once per session instead of once per run.
     """
-    from .progress import Progress
-
     import torch  # noqa: F401  (import once, up front: that is the point of the worker)
 
     set_threads(args.threads)

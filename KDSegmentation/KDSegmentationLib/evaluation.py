@@ -21,9 +21,14 @@ def write_json_atomic(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=str(path.parent))
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:  # no half-written file left behind
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _labels(task: TaskSpec) -> Dict[int, str]:

@@ -205,7 +205,6 @@ def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> Segmenta
 
 
 def _segment_retina(image, task, loaded, device, progress) -> SegmentationResult:
-    import SimpleITK as sitk
     import torch
 
     from .fundus import fov_mask
