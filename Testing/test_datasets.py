@@ -371,6 +371,14 @@ def test_ct_policy_never_mirrors():
     assert augment.default_policy(RETINA).flip_axes  # photos may be mirrored (left/right eyes exist)
 
 
+def test_contrast_phase_shift_moves_soft_tissue_not_air_or_fat():
+    hu = np.array([-1000.0, -300.0, -150.0, -75.0, 0.0, 100.0, 1000.0], np.float32)
+    shifted = augment.contrast_phase_shift(hu, -50.0)
+    np.testing.assert_allclose(shifted, [-1000, -300, -150, -100, -50, 50, 950], atol=1e-4)
+    # an unenhanced liver (~55 HU) is inside the drawn range of a portal-venous training liver (~100 HU)
+    assert augment.PHASE_SHIFT_HU[0] <= 55 - 100 and augment.PHASE_SHIFT_HU[1] >= 120 - 100
+
+
 def test_crop_normalisation_matches_whole_photo(shared_data):
     from KDSegmentationLib.fundus import fov_diameter, fov_mask
     from KDSegmentationLib.preprocess import fundus_input

@@ -5,8 +5,8 @@
 #
 #   bash scripts/train_all.sh STEP DATA_ROOT OUT_DIR
 #
-# STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver_teacher,
-# liver_student, ablation TASK, local_distill (teachers before their students).
+# STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver (the shipped
+# pair, all nine cases), liver_cv FOLD..., ablation TASK, local_distill (teachers before their students).
 # DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders),
 # LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1). MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
@@ -25,9 +25,9 @@ KD="--losses kd=1 --alpha 0.5 --temperature 2"
 T2D='{"filters": [16, 32, 64, 128, 256]}'
 RET="--data $DATA/DRIVE --patch 128,128 --batch-size 8 --val-fraction 0.15 --val-every 150"
 LUNG="--data $DATA/LIDC --patch 96,96 --batch-size 16 --soft-labels --val-every 300"
-# liver: trained on two thirds of the nine cases (fold 0 of a 3-fold split by case); the other three are never
-# seen, not even for checkpoint selection, so the card's accuracy is on unseen patients
-LIV="--data $DATA/RadCT --folds 3 --fold 0 --val-every 100000000 --patch 32,64,64 --batch-size 2"
+# liver: 3-fold cross-validation by case (each fold's teacher and student never see its three cases, not even for
+# checkpoint selection: the last checkpoint is kept), then the shipped models with the same recipe on all nine
+LIV="--data $DATA/RadCT --val-every 100000000 --patch 32,64,64 --batch-size 2"
 
 retina_teacher() {
   kd retina_teacher train-teacher --task retina $RET --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
@@ -45,12 +45,19 @@ lung_nodule_student() {
   kd lung_nodule_student distill --task lung_nodule $LUNG $KD --seed 0 --teacher "$OUT/lung_nodule_teacher.kdseg.pt" \
      --max-minutes "$(m 7)" --output "$OUT/lung_nodule_student.kdseg.pt"
 }
-liver_teacher() {
-  kd liver_teacher train-teacher --task liver $LIV --seed 0 --max-minutes "$(m 20)" --output "$OUT/liver_teacher.kdseg.pt"
+liver_pair() {   # NAME DIR SPLIT_ARGS...: a liver teacher, then its student distilled from it
+  local name=$1 dir=$2; shift 2
+  mkdir -p "$dir"
+  kd "${name}liver_teacher" train-teacher --task liver $LIV "$@" --seed 0 --max-minutes "$(m 20)" \
+     --output "$dir/liver_teacher.kdseg.pt"
+  kd "${name}liver_student" distill --task liver $LIV "$@" $KD --seed 0 --teacher "$dir/liver_teacher.kdseg.pt" \
+     --max-minutes "$(m 15)" --output "$dir/liver_student.kdseg.pt"
 }
-liver_student() {
-  kd liver_student distill --task liver $LIV $KD --seed 0 --teacher "$OUT/liver_teacher.kdseg.pt" \
-     --max-minutes "$(m 15)" --output "$OUT/liver_student.kdseg.pt"
+liver_cv() {   # FOLD...: cross-validation folds (0 1 2)
+  for f in "$@"; do liver_pair "cv${f}_" "$OUT/liver_cv/fold$f" --folds 3 --fold "$f"; done
+}
+liver() {   # the shipped liver models: all nine cases
+  liver_pair "" "$OUT" --val-fraction 0
 }
 ablation() {   # TASK: same student, same (short) budget and seeds, with and without the teacher
   for task in "$@"; do
@@ -70,8 +77,8 @@ local_distill() {   # local distillation: the shipped retina student adapts to a
 }
 if [ "$STEP" = all ]; then
   # two lanes, one core each: the 3D liver models, and the 2D models with the ablation and local distillation
-  (liver_teacher; liver_student; ablation retina; local_distill) &
-  (retina_teacher; lung_nodule_teacher; retina_student; lung_nodule_student; ablation lung_nodule) &
+  (liver_cv 0 1; retina_teacher; retina_student; ablation retina; local_distill) &
+  (liver_cv 2; liver; lung_nodule_teacher; lung_nodule_student; ablation lung_nodule) &
   wait
 else
   "$STEP" "${@:4}"

@@ -228,14 +228,31 @@ def normalise_region(rgb: np.ndarray, fov: np.ndarray, diameter: float) -> np.nd
     return np.asarray(preprocess.fundus_input(canvas, mask), np.float32)[:, :h, :w]
 
 
+# soft-tissue enhancement change drawn by :func:`contrast_phase_shift`, in HU. The training livers are portal-venous
+# (mean ~100 HU); unenhanced livers are ~50-60 HU and late-arterial ones ~70-90 HU, so the range reaches both.
+PHASE_SHIFT_HU = (-65.0, 35.0)
+
+
+def contrast_phase_shift(hu: np.ndarray, delta: float) -> np.ndarray:
+    """Mimic another contrast phase: add ``delta`` HU to enhancing soft tissue (>= 0 HU) and fade it out towards
+    fat (-150 HU), leaving air and fat unchanged, unlike a global offset that would also move them.
+
+    hu: float32 (z, y, x) in HU -> float32 (z, y, x) in HU."""
+    weight = np.clip((hu + 150.0) / 150.0, 0.0, 1.0)
+    return (hu + np.float32(delta) * weight).astype(np.float32)
+
+
 def ct_intensity(hu: np.ndarray, task: TaskSpec, rng: np.random.Generator, augment: bool) -> np.ndarray:
     """HU region (z, y, x) -> network input float32 (z, y, x) in the task window (``preprocess.ct_window``), with
-    scanner/protocol variation: HU scale +-10 % and offset +-30 HU (calibration, contrast phase) before windowing;
-    gamma, contrast, blur, noise after it; and thicker slices (the largest shift between hospitals' CT)."""
+    scanner/protocol variation: another contrast phase (soft tissue shifted by :data:`PHASE_SHIFT_HU`), HU scale
+    +-10 % and offset +-30 HU (calibration) before windowing; gamma, contrast, blur, noise after it; and thicker
+    slices (with the contrast phase, the largest shifts between hospitals' CT)."""
     from . import preprocess
 
     x = hu.astype(np.float32)
     if augment:
+        if rng.random() < 0.6:
+            x = contrast_phase_shift(x, rng.uniform(*PHASE_SHIFT_HU))
         on_hu, on_window = _ct_aug()
         on_hu.set_random_state(seed=int(rng.integers(2 ** 31)))
         x = np.asarray(on_hu(x[None]))[0]
