@@ -6,7 +6,8 @@
 #   bash scripts/train_all.sh STEP DATA_ROOT OUT_DIR
 #
 # STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver (the shipped
-# pair, all nine cases), liver_cv FOLD..., ablation TASK, local_distill (teachers before their students).
+# pair, all nine cases), liver_cv FOLD..., ablation TASK, local_distill (teachers before their students), calibrate
+# ORIGINAL_DATA_ROOT (decision thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA).
 # DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders),
 # LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1). MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
@@ -15,6 +16,9 @@ SCALE=${MINUTES_SCALE:-1}; DEVICE=${DEVICE:-cpu}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$HERE/KDSegmentation${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
+if [ "$STEP" = all ]; then   # checked now rather than after the training
+  : "${ORIGINAL_DATA:?set ORIGINAL_DATA to the folder holding retina/DRIVE and lung/LIDC-IDRI-slices}"
+fi
 m() { python3 -c "print(round($1*$SCALE, 3))"; }
 kd() { local log=$1; shift; python3 -m KDSegmentationLib "$@" --device "$DEVICE" --progress json \
          > "$OUT/$log.log" 2>&1 || echo "FAILED: $log (see $log.log)" | tee -a "$OUT/failures.txt"; }
@@ -75,11 +79,23 @@ local_distill() {   # local distillation: the shipped retina student adapts to a
      --unlabeled-fraction 0.5 --init "$OUT/retina_student.kdseg.pt" --teacher "$OUT/retina_teacher.kdseg.pt" \
      --max-minutes "$(m 3)" --lr 5e-4 --output "$OUT/retina_student_local_chase.kdseg.pt"
 }
+calibrate() {   # ORIGINAL_DATA_ROOT (retina/DRIVE, lung/LIDC-IDRI-slices): decision thresholds on each model's
+  # validation cases, through the same pipeline as kdseg segment (hence the original datasets, not the caches)
+  local orig=${1:?original data root}
+  for m in retina_teacher retina_student; do
+    python3 -m KDSegmentationLib calibrate --model "$OUT/$m.kdseg.pt" --data "$orig/retina/DRIVE" > "$OUT/calibrate_$m.json"
+  done
+  for m in lung_nodule_teacher lung_nodule_student; do
+    python3 -m KDSegmentationLib calibrate --model "$OUT/$m.kdseg.pt" --data "$orig/lung/LIDC-IDRI-slices" \
+      > "$OUT/calibrate_$m.json"
+  done
+}
 if [ "$STEP" = all ]; then
   # two lanes, one core each: the 3D liver models, and the 2D models with the ablation and local distillation
   (liver_cv 0 1; retina_teacher; retina_student; ablation retina; local_distill) &
   (liver_cv 2; liver; lung_nodule_teacher; lung_nodule_student; ablation lung_nodule) &
   wait
+  calibrate "$ORIGINAL_DATA"
 else
   "$STEP" "${@:4}"
 fi

@@ -221,6 +221,23 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from .calibration import DEFAULT_GRID, calibrate, store_threshold
+
+    grid = DEFAULT_GRID
+    if args.thresholds:
+        try:
+            grid = [float(t) for t in args.thresholds.split(",") if t.strip()]
+        except ValueError:
+            raise InputError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
+    result = calibrate(args.model, args.data, grid, device=args.device, threads=args.threads)
+    if not args.dry_run:
+        store_threshold(args.model, result)
+        result["stored_in"] = str(args.model)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # persistent worker
 # ---------------------------------------------------------------------------------------------------------------
@@ -343,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", help="also write the metrics JSON here")
     s.add_argument("--progress", default="auto", choices=["auto", "json", "bar", "none"])
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("calibrate", help="choose a binary model's decision threshold on its validation cases "
+                       "and store it in the model file")
+    s.add_argument("--model", required=True, help="model file (rewritten in place, atomically)")
+    s.add_argument("--data", required=True, help="the dataset (or prepared cache) the model was trained on")
+    s.add_argument("--thresholds", help="comma-separated candidates (default 0.30,0.35,...,0.90)")
+    s.add_argument("--dry-run", action="store_true", help="print the table, leave the model file as it is")
+    s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--threads", type=int)
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("models", help="list installed and locally distilled models, or show one's card")
     s.add_argument("action", nargs="?", default="list", choices=["list", "show"])

@@ -203,6 +203,6 @@ def _eval_lidc_nodule(case, task: TaskSpec, loaded, dev) -> Dict:
     x = torch.from_numpy(network_stack(images.astype(np.float32) / 255.0))
     prob = _forward(loaded.network, x, dev)[:, 1].cpu().numpy()
     seed = (images.shape[0] // 2, images.shape[1] // 2, images.shape[2] // 2)
-    pred = select_component(prob >= 0.5, seed, (1.0, 1.0, 1.0), 10.0).astype(np.uint8)
+    pred = select_component(prob >= loaded.decision_threshold, seed, (1.0, 1.0, 1.0), 10.0).astype(np.uint8)
     return segmentation_metrics(pred, (consensus > 0).astype(np.uint8), (1.0, 1.0, 1.0), _labels(task),
                                 prob={1: prob})

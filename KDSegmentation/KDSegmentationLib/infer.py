@@ -190,7 +190,7 @@ def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> Segmenta
     prob = _forward(loaded.network, x, device)[:, 1].cpu().numpy()
     t["inference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lab = paste_back(prob, region, image)
+    lab = paste_back(prob, region, image, threshold=loaded.decision_threshold)
     import SimpleITK as sitk
 
     labels = sitk.GetArrayFromImage(lab)
@@ -225,7 +225,7 @@ def _segment_retina(image, task, loaded, device, progress) -> SegmentationResult
     t["inference"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     prob = probabilities_to_photo(prob_s, prepared) * fov
-    labels2d = (prob >= 0.5).astype(np.uint8)
+    labels2d = (prob >= loaded.decision_threshold).astype(np.uint8)
     lab = _photo_label_image(labels2d, image)
     t["postprocess"] = time.perf_counter() - t0
     stats = {task.labels[0].name: {"area_px": int(labels2d.sum()),

@@ -98,6 +98,11 @@ class LoadedModel:
     def card(self) -> Dict[str, Any]:
         return self.header.get("card", {})
 
+    @property
+    def decision_threshold(self) -> float:
+        """Foreground probability at or above which a binary model's voxel is labelled (``kdseg calibrate``)."""
+        return float((self.header.get("preprocessing") or {}).get("decision_threshold", 0.5))
+
 
 def read_header(path) -> Dict[str, Any]:
     """Header only (still checksum-verified): used by ``kdseg models`` and the Slicer model list."""
