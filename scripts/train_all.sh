@@ -38,16 +38,16 @@ retina_teacher() {
      --output "$OUT/retina_teacher.kdseg.pt"
 }
 lung_nodule_teacher() {
-  kd lung_nodule_teacher train-teacher --task lung_nodule $LUNG --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
+  kd lung_nodule_teacher train-teacher --task lung_nodule $LUNG --arch-args "$T2D" --seed 0 --max-minutes "$(m 20)" \
      --output "$OUT/lung_nodule_teacher.kdseg.pt"
 }
 retina_student() {
   kd retina_student distill --task retina $RET $KD --seed 0 --teacher "$OUT/retina_teacher.kdseg.pt" \
-     --max-minutes "$(m 7)" --output "$OUT/retina_student.kdseg.pt"
+     --max-minutes "$(m 20)" --output "$OUT/retina_student.kdseg.pt"
 }
 lung_nodule_student() {
   kd lung_nodule_student distill --task lung_nodule $LUNG $KD --seed 0 --teacher "$OUT/lung_nodule_teacher.kdseg.pt" \
-     --max-minutes "$(m 7)" --output "$OUT/lung_nodule_student.kdseg.pt"
+     --max-minutes "$(m 20)" --output "$OUT/lung_nodule_student.kdseg.pt"
 }
 liver_pair() {   # NAME DIR SPLIT_ARGS...: a liver teacher, then its student distilled from it
   local name=$1 dir=$2; shift 2
@@ -64,13 +64,14 @@ liver() {   # the shipped liver models: all nine cases
   liver_pair "" "$OUT" --val-fraction 0
 }
 ablation() {   # TASK: same student, same (short) budget and seeds, with and without the teacher
+  local A M
   for task in "$@"; do
-    if [ $task = retina ]; then A=$RET; else A=$LUNG; fi
+    if [ $task = retina ]; then A=$RET; M=1.25; else A=$LUNG; M=3; fi
     for s in 0 1 2; do
       kd abl_${task}_seg_$s train-teacher --task $task $A --seed $s --arch student_mobile \
-         --arch-args "$(student_args $task)" --max-minutes "$(m 1.25)" --output "$OUT/ablation_$task/seg_seed$s.kdseg.pt"
+         --arch-args "$(student_args $task)" --max-minutes "$(m $M)" --output "$OUT/ablation_$task/seg_seed$s.kdseg.pt"
       kd abl_${task}_kd_$s distill --task $task $A $KD --seed $s --teacher "$OUT/${task}_teacher.kdseg.pt" \
-         --max-minutes "$(m 1.25)" --output "$OUT/ablation_$task/kd_seed$s.kdseg.pt"
+         --max-minutes "$(m $M)" --output "$OUT/ablation_$task/kd_seed$s.kdseg.pt"
     done
   done
 }
