@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,6 +241,20 @@ def test_local_distillation_on_unlabelled_images(small_drive, teacher, tmp_path,
     card = header["card"]
     assert card["split"]["unlabeled_cases"] and not card["split"]["train_cases"]
     assert card["split"]["val_cases_vs_teacher"] and "teacher" in card["metrics"]["validation"]["metric"]
+
+
+def test_fine_tuning_keeps_the_calibrated_threshold(small_drive, teacher, tmp_path):
+    from KDSegmentationLib.calibration import store_threshold
+
+    calibrated = tmp_path / "calibrated.kdseg.pt"
+    shutil.copy(teacher, calibrated)
+    store_threshold(str(calibrated), {"n_cases": 1, "thresholds": [0.65], "mean_dice": [0.7], "best_threshold": 0.65,
+                                      "best_dice": 0.7})
+    tuned = train(_cfg(small_drive, tmp_path / "tuned.kdseg.pt", init=str(calibrated), steps=2, val_every=100))
+    assert load_model(tuned).decision_threshold == 0.65
+    assert read_header(tuned)["card"]["decision_threshold_from"] == "calibrated.kdseg.pt"
+    fresh = train(_cfg(small_drive, tmp_path / "fresh.kdseg.pt", steps=1, val_every=100))
+    assert load_model(fresh).decision_threshold == 0.5
 
 
 def test_cancel_file_stops_cleanly(small_drive, tmp_path):

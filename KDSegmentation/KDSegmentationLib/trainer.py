@@ -914,8 +914,18 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
                      dataset.policy, step_times)
         version = cfg.version or _local_version(output, task.name) or "1"
         card["version"]["model"] = version
+        preprocessing = ds.task_preprocessing(task)
+        if cfg.init:
+            # fine-tuning keeps the initial model's calibrated threshold (kdseg calibrate refines it when the
+            # labelled validation cases are at hand); 0.5 would undo the calibration of a shipped student
+            from .modelfile import read_header
+
+            threshold = (read_header(cfg.init).get("preprocessing") or {}).get("decision_threshold")
+            if threshold is not None:
+                preprocessing["decision_threshold"] = threshold
+                card["decision_threshold_from"] = Path(cfg.init).name
         save_model(output, student, arch=arch, arch_args=arch_args, task=task.name, role=cfg.role,
-                   version=version, preprocessing=ds.task_preprocessing(task),
+                   version=version, preprocessing=preprocessing,
                    labels={lab.value: lab.name for lab in task.labels}, card=card, overwrite=cfg.overwrite)
         report = write_report(output, state, card)
         if not cfg.keep_checkpoints and ckpt_dir.is_dir():
