@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -221,14 +222,20 @@ def card_markdown(entries, ablations, local, budgets=None):
                   "|---|---|---|---|---|---|"]
         for task, rows in ablations.items():
             for method, vals in rows.items():
-                import statistics
-
                 mean = statistics.mean(vals) if vals else None
                 sd = statistics.stdev(vals) if len(vals) > 1 else None
                 lines.append(f"| {task} | {(budgets or {}).get(task, '?')} min | {method} | {len(vals)} | "
                              f"{_fmt(mean, sd)} | "
                              + ", ".join(f"{v:.3f}" for v in vals) + " |")
         lines.append("")
+        for task, rows in ablations.items():
+            if rows.get("seg") and rows.get("kd"):
+                gain = 100 * (statistics.mean(rows["kd"]) - statistics.mean(rows["seg"]))
+                verdict = "KD helps" if gain >= 1.0 else "KD does not earn its place at this budget"
+                lines.append(f"- {task}: KD {gain:+.1f} Dice points against the labels alone — {verdict}.")
+        lines += ["", "Where KD does not help, the shipped student is still the KD student trained at the full "
+                  "budget (it matched or beat its teacher there); a labels-only student at the full budget is the "
+                  "comparison still to run.", ""]
     if local:
         lines += ["## Local distillation (retina, CHASE_DB1 without its labels)", "",
                   "The shipped retina student was distilled further on the 20 CHASE_DB1 training photographs with "
