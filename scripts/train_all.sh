@@ -7,7 +7,8 @@
 #
 # STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver (the shipped
 # pair, all nine cases), liver_cv FOLD..., ablation TASK, local_distill (teachers before their students), calibrate
-# ORIGINAL_DATA_ROOT (decision thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA).
+# ORIGINAL_DATA_ROOT (decision thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA), labels_only TASK
+# (the full-budget comparison without the teacher).
 # DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders),
 # LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1). MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
@@ -62,6 +63,14 @@ liver_cv() {   # FOLD...: cross-validation folds (0 1 2)
 }
 liver() {   # the shipped liver models: all nine cases
   liver_pair "" "$OUT" --val-fraction 0
+}
+labels_only() {   # TASK...: the shipped student's architecture, data and budget, trained on the labels alone
+  local A
+  for task in "$@"; do
+    if [ $task = retina ]; then A=$RET; else A=$LUNG; fi
+    kd ${task}_student_labels_only train-teacher --task $task $A --seed 0 --arch student_mobile \
+       --arch-args "$(student_args $task)" --max-minutes "$(m 20)" --output "$OUT/${task}_student_labels_only.kdseg.pt"
+  done
 }
 ablation() {   # TASK: same student, same (short) budget and seeds, with and without the teacher
   local A M
