@@ -1,7 +1,8 @@
 """``kdseg calibrate``: choose a binary model's decision threshold on its own validation cases.
 
-A network trained with Dice + cross-entropy (or on the readers' soft labels) is not calibrated at 0.5: on LIDC-IDRI
-nodules the students' masks were a ring of voxels too wide (precision 0.59, recall 0.90). The threshold that
+A network trained with Dice + cross-entropy (or on the readers' soft labels, or from a teacher) is not calibrated at
+0.5: briefly trained nodule models drew their masks a ring of voxels too wide, and a KD student inherits its
+teacher's bias. The threshold that
 maximises the mean Dice on the validation cases listed in the model's card (never the test cases) is stored in the
 model file (``preprocessing.decision_threshold``) and used by ``kdseg segment`` and ``kdseg evaluate``. Models
 without one use 0.5. Only binary tasks (retina, lung nodule) have a threshold; the liver's labels are an argmax.
