@@ -275,7 +275,7 @@ def test_build_losses_routes_common_options_and_sums_weights():
     zs, zt = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
     total, parts = loss(zs, zt, None, _features(CH_S), _features(CH_T))
     assert set(parts) == {"kd", "cwd", "hint"}
-    assert total.item() == pytest.approx(parts["kd"] + 0.25 * parts["cwd"] + 0.5 * parts["hint"], rel=1e-5)
+    assert total.item() == pytest.approx(float(parts["kd"] + 0.25 * parts["cwd"] + 0.5 * parts["hint"]), rel=1e-5)
     with pytest.raises(ValueError, match="student has no feature"):
         build_losses({"hint": {"feature_pairs": [["nope", "enc1"]]}}, **COMMON)
 

@@ -113,6 +113,17 @@ def cross_validation(task, role, data_root, runs, threads, folds=3):
             "mean": mean_metrics([c["metrics"] for c in cases]), "cases": cases}
 
 
+def calibrated_evaluation(task, path, data_root, threads):
+    """A comparison run (ablation arm, labels-only student) on the task's first held-out set, at its own
+    validation-calibrated threshold like the shipped models: a KD student inherits its teacher's calibration, so
+    comparing both at 0.5 would not be fair. The threshold is stored in the run's file."""
+    from KDSegmentationLib.calibration import calibrate, store_threshold
+
+    store_threshold(str(path), calibrate(str(path), str(data_root / CALIBRATION_DATA[task]), threads=threads))
+    _, rel, split, _ = EVALS[task][0]
+    return evaluate_dataset(task, str(data_root / rel), model=str(path), device="cpu", split=split, threads=threads)
+
+
 def _mean(result, label, metric):
     m = result["mean"].get(label, {}).get(metric, {})
     return m.get("mean"), m.get("sd"), m.get("n")
@@ -275,7 +286,6 @@ def main(argv=None):
                    help="keep the held-out metrics already stored in a model file's card instead of recomputing")
     args = p.parse_args(argv)
 
-    from KDSegmentationLib.calibration import calibrate, store_threshold
     from KDSegmentationLib.modelfile import load_model, read_header, save_model
 
     entries = []
@@ -301,7 +311,6 @@ def main(argv=None):
     if args.runs:
         for task in ("retina", "lung_nodule"):
             folder = args.runs / f"ablation_{task}"
-            title, rel, split, _ = EVALS[task][0]
             rows = {}
             for method in ("seg", "kd"):
                 vals = []
@@ -309,12 +318,7 @@ def main(argv=None):
                     f = folder / f"{method}_seed{seed}.kdseg.pt"
                     if f.is_file():
                         budgets.setdefault(task, read_header(f)["card"].get("recipe", {}).get("max_minutes"))
-                        # each arm at its own validation-calibrated threshold, like the shipped models: a KD
-                        # student inherits its teacher's calibration, so comparing both at 0.5 is not fair
-                        store_threshold(str(f), calibrate(str(f), str(args.data / CALIBRATION_DATA[task]),
-                                                          threads=args.threads))
-                        res = evaluate_dataset(task, str(args.data / rel), model=str(f), device="cpu", split=split,
-                                               threads=args.threads)
+                        res = calibrated_evaluation(task, f, args.data, args.threads)
                         lab = next(iter(res["mean"]))
                         vals.append(res["mean"][lab]["dice"]["mean"])
                         print(f"ablation {task} {method} seed {seed}: {vals[-1]:.4f}", flush=True)
@@ -325,12 +329,8 @@ def main(argv=None):
         for task in ("retina", "lung_nodule"):
             f = args.runs / f"{task}_student_labels_only.kdseg.pt"
             if f.is_file():
-                store_threshold(str(f), calibrate(str(f), str(args.data / CALIBRATION_DATA[task]),
-                                                  threads=args.threads))
-                title, rel, split, _ = EVALS[task][0]
-                res = evaluate_dataset(task, str(args.data / rel), model=str(f), device="cpu", split=split,
-                                       threads=args.threads)
-                res["title"] = title
+                res = calibrated_evaluation(task, f, args.data, args.threads)
+                res["title"] = EVALS[task][0][0]
                 full_budget[task] = res
                 print(f"labels only {task}: {next(iter(res['mean'].values()))['dice']['mean']:.4f}", flush=True)
         local_model = args.runs / "retina_student_local_chase.kdseg.pt"

@@ -64,18 +64,18 @@ liver_cv() {   # FOLD...: cross-validation folds (0 1 2)
 liver() {   # the shipped liver models: all nine cases
   liver_pair "" "$OUT" --val-fraction 0
 }
+args2d() { if [ "$1" = retina ]; then echo "$RET"; else echo "$LUNG"; fi; }   # the data/patch arguments of a 2D task
 labels_only() {   # TASK...: the shipped student's architecture, data and budget, trained on the labels alone
-  local A
   for task in "$@"; do
-    if [ $task = retina ]; then A=$RET; else A=$LUNG; fi
-    kd ${task}_student_labels_only train-teacher --task $task $A --seed 0 --arch student_mobile \
+    kd ${task}_student_labels_only train-teacher --task $task $(args2d $task) --seed 0 --arch student_mobile \
        --arch-args "$(student_args $task)" --max-minutes "$(m 20)" --output "$OUT/${task}_student_labels_only.kdseg.pt"
   done
 }
 ablation() {   # TASK: same student, same (short) budget and seeds, with and without the teacher
   local A M
   for task in "$@"; do
-    if [ $task = retina ]; then A=$RET; M=1.25; else A=$LUNG; M=3; fi
+    A=$(args2d $task)
+    if [ $task = retina ]; then M=1.25; else M=3; fi
     for s in 0 1 2; do
       kd abl_${task}_seg_$s train-teacher --task $task $A --seed $s --arch student_mobile \
          --arch-args "$(student_args $task)" --max-minutes "$(m $M)" --output "$OUT/ablation_$task/seg_seed$s.kdseg.pt"
@@ -102,8 +102,8 @@ calibrate() {   # ORIGINAL_DATA_ROOT (retina/DRIVE, lung/LIDC-IDRI-slices): deci
 }
 if [ "$STEP" = all ]; then
   # two lanes, one core each: the 3D liver models, and the 2D models with the ablation and local distillation
-  (liver_cv 0 1; retina_teacher; retina_student; ablation retina; local_distill) &
-  (liver_cv 2; liver; lung_nodule_teacher; lung_nodule_student; ablation lung_nodule) &
+  (liver_cv 0 1; retina_teacher; retina_student; ablation retina; local_distill; labels_only retina) &
+  (liver_cv 2; liver; lung_nodule_teacher; lung_nodule_student; ablation lung_nodule; labels_only lung_nodule) &
   wait
   calibrate "$ORIGINAL_DATA"
 else

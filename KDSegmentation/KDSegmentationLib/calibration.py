@@ -41,18 +41,11 @@ def dice_at_thresholds(prob: np.ndarray, ref: np.ndarray, thresholds: Sequence[f
 
 def _case_probability(case, task, loaded, dev) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], object]:
     """(probability, reference, mask or None, select or None) of one validation case, as evaluation sees it."""
-    import torch
-
-    from .infer import _forward
-
     if case.layout == "lidc_slices":
-        from .lung import load_nodule, network_stack, select_component
+        from .evaluation import lidc_nodule_probability
 
-        images, _, consensus, _ = load_nodule(case.record)
-        x = torch.from_numpy(network_stack(images.astype(np.float32) / 255.0))
-        prob = _forward(loaded.network, x, dev)[:, 1].cpu().numpy()
-        seed = tuple(s // 2 for s in images.shape)
-        return prob, consensus, None, lambda fg: select_component(fg, seed, (1.0, 1.0, 1.0), 10.0)
+        prob, consensus, select = lidc_nodule_probability(case, loaded, dev)
+        return prob, consensus, None, select
     from .datasets import _read_mask_2d, _read_sitk
     from .infer import segment_image
 
@@ -76,9 +69,9 @@ def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_G
     if is_cache(data_dir):
         raise InputError(f"{data_dir} is a prepared training cache; calibrate on the original dataset, through the "
                          "same pipeline as kdseg segment")
-    if threads:
-        import torch
+    import torch
 
+    if threads:
         torch.set_num_threads(int(threads))
     dev = pick_device(device)
     loaded = load_model(path, device=str(dev))
@@ -97,8 +90,6 @@ def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_G
     thresholds = sorted(float(t) for t in thresholds)
     if not thresholds or not all(0.0 < t < 1.0 for t in thresholds):
         raise InputError("thresholds must lie strictly between 0 and 1")
-    import torch
-
     per_case = []
     with torch.inference_mode():
         for case in cases:

@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("calibrate", help="choose a binary model's decision threshold on its validation cases "
                        "and store it in the model file")
     s.add_argument("--model", required=True, help="model file (rewritten in place, atomically)")
-    s.add_argument("--data", required=True, help="the dataset (or prepared cache) the model was trained on")
+    s.add_argument("--data", required=True, help="the original dataset the model was trained on (not a prepared cache)")
     s.add_argument("--thresholds", help="comma-separated candidates (default 0.30,0.35,...,0.90)")
     s.add_argument("--dry-run", action="store_true", help="print the table, leave the model file as it is")
     s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])

@@ -191,18 +191,28 @@ def _seed_from_reference(ref_img):
     return (-x, -y, z)  # LPS -> RAS
 
 
-def _eval_lidc_nodule(case, task: TaskSpec, loaded, dev) -> Dict:
-    """One LIDC-IDRI nodule stack (8-bit crops, spacing unknown): network + the seeded component selection."""
+def lidc_nodule_probability(case, loaded, dev):
+    """One LIDC-IDRI nodule stack (8-bit crops, spacing unknown) through the network.
+
+    Returns (prob float32 (n, 128, 128), consensus uint8 (n, 128, 128), select): ``select`` keeps the connected
+    component at the stack's centre (the seed a clinician would click) of a boolean mask."""
     import torch
 
     from .infer import _forward
     from .lung import load_nodule, network_stack, select_component
-    from .metrics import segmentation_metrics
 
-    images, _, consensus, soft = load_nodule(case.record)
+    images, _, consensus, _ = load_nodule(case.record)
     x = torch.from_numpy(network_stack(images.astype(np.float32) / 255.0))
     prob = _forward(loaded.network, x, dev)[:, 1].cpu().numpy()
-    seed = (images.shape[0] // 2, images.shape[1] // 2, images.shape[2] // 2)
-    pred = select_component(prob >= loaded.decision_threshold, seed, (1.0, 1.0, 1.0), 10.0).astype(np.uint8)
+    seed = tuple(s // 2 for s in images.shape)
+    return prob, consensus, lambda fg: select_component(fg, seed, (1.0, 1.0, 1.0), 10.0)
+
+
+def _eval_lidc_nodule(case, task: TaskSpec, loaded, dev) -> Dict:
+    """One LIDC-IDRI nodule: network + the seeded component selection at the model's decision threshold."""
+    from .metrics import segmentation_metrics
+
+    prob, consensus, select = lidc_nodule_probability(case, loaded, dev)
+    pred = select(prob >= loaded.decision_threshold).astype(np.uint8)
     return segmentation_metrics(pred, (consensus > 0).astype(np.uint8), (1.0, 1.0, 1.0), _labels(task),
                                 prob={1: prob})

@@ -500,7 +500,7 @@ def combined_loss(criterion, s_logits, t_logits, target, s_feats, t_feats, label
 
 
 def build_models(cfg: TrainConfig, task: TaskSpec, device: torch.device):
-    """(student, arch, arch_args, teacher or None, teacher header or None)."""
+    """(student, arch, arch_args, teacher or None, teacher header or None, --init model's header or None)."""
     from . import networks
     from .modelfile import load_model
 
@@ -520,7 +520,7 @@ def build_models(cfg: TrainConfig, task: TaskSpec, device: torch.device):
             raise InputError(f"--arch {cfg.arch} differs from the --init model's {loaded.header['arch']}; drop one")
         student, arch, arch_args = loaded.network, loaded.header["arch"], dict(loaded.header["arch_args"])
         student.train()
-        return student, arch, arch_args, teacher, teacher_header
+        return student, arch, arch_args, teacher, teacher_header, loaded.header
     role = "teacher" if cfg.role == "teacher" else "student"
     arch, arch_args = networks.default_arch_args(task.name, role)
     if cfg.arch and cfg.arch != arch:
@@ -528,7 +528,7 @@ def build_models(cfg: TrainConfig, task: TaskSpec, device: torch.device):
         arch, arch_args = cfg.arch, base
     arch_args.update(cfg.arch_args or {})
     student = networks.build_network(arch, **arch_args).to(device)
-    return student, arch, arch_args, teacher, teacher_header
+    return student, arch, arch_args, teacher, teacher_header, None
 
 
 def default_losses(cfg: TrainConfig) -> str:
@@ -699,7 +699,7 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
     from . import networks
     from .modelfile import save_model
 
-    student, arch, arch_args, teacher, teacher_header = build_models(cfg, task, device)
+    student, arch, arch_args, teacher, teacher_header, init_header = build_models(cfg, task, device)
     spec = default_losses(cfg)
     common = dict(alpha=cfg.alpha, temperature=cfg.temperature, spatial_dims=task.spatial_dims,
                   student_channels=getattr(student, "feature_channels", None),
@@ -915,12 +915,10 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
         version = cfg.version or _local_version(output, task.name) or "1"
         card["version"]["model"] = version
         preprocessing = ds.task_preprocessing(task)
-        if cfg.init:
+        if init_header is not None:
             # fine-tuning keeps the initial model's calibrated threshold (kdseg calibrate refines it when the
             # labelled validation cases are at hand); 0.5 would undo the calibration of a shipped student
-            from .modelfile import read_header
-
-            threshold = (read_header(cfg.init).get("preprocessing") or {}).get("decision_threshold")
+            threshold = (init_header.get("preprocessing") or {}).get("decision_threshold")
             if threshold is not None:
                 preprocessing["decision_threshold"] = threshold
                 card["decision_threshold_from"] = Path(cfg.init).name
