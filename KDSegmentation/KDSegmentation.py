@@ -23,8 +23,6 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
-# Markups classes join the slicer namespace only after start-up, so the parameter node class takes it from here.
-from vtkSlicerMarkupsModuleMRMLPython import vtkMRMLMarkupsFiducialNode
 
 # Slicer-free and light (no torch/MONAI): the heavy engine only ever runs in the worker process.
 from KDSegmentationLib import worker
@@ -70,7 +68,7 @@ class KDSegmentationParameterNode:
     task: Annotated[str, Choice(list(TASKS)), Default(next(iter(TASKS)))]
     model: Annotated[str, Default("student")]  # "student", "teacher" or a model file
     device: Annotated[Device, Default(Device.AUTO)]
-    seedPoints: vtkMRMLMarkupsFiducialNode
+    seedPoints: slicer.vtkMRMLMarkupsFiducialNode  # in MRMLCore since Slicer 5.10, so known at import time
     outputSegmentation: slicer.vtkMRMLSegmentationNode
     keepWorker: Annotated[bool, Default(True)]
     distillSource: Annotated[DistillSource, Default(DistillSource.SCENE)]
@@ -216,9 +214,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event):
-        # the nodes of a running segmentation are about to disappear
-        self.logic.cancelSegmentation()
-        self.logic.forgetSceneNodes()
+        # the Logic cancels a running segmentation itself; the panel lets go of the parameter node
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event):
@@ -482,7 +478,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # Logic
 #
 
-class KDSegmentationLogic(ScriptedLoadableModuleLogic):
+class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     """Runs the worker process without blocking the GUI; usable from the Python console and scripts.
 
     >>> logic = KDSegmentationLogic()
@@ -495,6 +491,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self):
         ScriptedLoadableModuleLogic.__init__(self)
+        VTKObservationMixin.__init__(self)
         self.keepWorker = True
         # process handling is Slicer-free (KDSegmentationLib.worker); this class adds the scene around it
         self.runs = worker.RunManager(python_executable=self.pythonExecutable)
@@ -503,6 +500,8 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic):
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self._poll)
+        # Scripts use the Logic without the panel: it must itself let go of the nodes of a closing scene.
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
 
     def getParameterNode(self):
         return KDSegmentationParameterNode(super().getParameterNode())
@@ -564,8 +563,14 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def shutdown(self):
         """Stop every child process (module unloaded or application closing)."""
+        self.removeObservers()
         self.runs.shutdown()
         self._timer.stop()
+
+    def onSceneStartClose(self, caller=None, event=None):
+        """The nodes of a running segmentation are about to disappear: cancel it (a distillation keeps running)."""
+        self.cancelSegmentation()
+        self.forgetSceneNodes()
 
     def forgetSceneNodes(self):
         """The scene is closing: drop references to its nodes (a distillation keeps running)."""
@@ -662,13 +667,16 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic):
         return path
 
     def importSegmentation(self, path, inputVolume, outputSegmentation=None, name=None):
-        """Load a ``.seg.nrrd`` into ``outputSegmentation`` (or a new node), tied to ``inputVolume``."""
-        loaded = slicer.util.loadSegmentation(path)
+        """Load a ``.seg.nrrd`` into ``outputSegmentation`` (or a new node), tied to ``inputVolume``.
+
+        Read by Slicer's own segmentation reader, as a file dropped on the application would be.
+        """
+        loaded = slicer.modules.segmentations.logic().LoadSegmentationFromFile(
+            str(path), True, slicer.mrmlScene.GenerateUniqueName(name or "Segmentation"))
         if loaded is None:
             raise RuntimeError(f"Slicer could not read the result {path}.")
         if outputSegmentation is None:
             outputSegmentation = loaded
-            outputSegmentation.SetName(slicer.mrmlScene.GenerateUniqueName(name or "Segmentation"))
         else:
             outputSegmentation.GetSegmentation().DeepCopy(loaded.GetSegmentation())
             slicer.mrmlScene.RemoveNode(loaded)

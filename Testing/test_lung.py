@@ -270,9 +270,22 @@ def test_nodule_diameter_of_a_disk():
     lab = sitk.GetImageFromArray(arr)
     lab.SetSpacing(spacing)
     lab.SetDirection(DIRECTIONS["flipped"].ravel().tolist())
-    d = lung.nodule_diameter_mm(lab)
+    d = lung.longest_axial_diameter_mm(lab)
     assert 14.0 <= d <= 14.0 + 2 * 0.7, d
-    assert lung.nodule_diameter_mm(lab * 0) == 0.0
+    assert lung.longest_axial_diameter_mm(lab * 0) == 0.0
+    assert lung.max_3d_diameter_mm(lab * 0) == 0.0
+
+
+def test_max_3d_diameter_sees_what_one_axial_slice_misses():
+    """A rod along S/I: small on every axial slice, long in 3D; the same length on any grid orientation."""
+    arr = np.zeros((20, 9, 9), np.uint8)
+    arr[2:18, 4, 4] = 1                      # 16 slices x 2.5 mm = 40 mm long, one 0.7 mm pixel wide
+    for name in ("identity", "flipped", "oblique"):
+        lab = sitk.GetImageFromArray(arr)
+        lab.SetSpacing((0.7, 0.7, 2.5))
+        lab.SetDirection(DIRECTIONS[name].ravel().tolist())
+        assert lung.longest_axial_diameter_mm(lab) == pytest.approx(0.7 * 2 ** 0.5, rel=1e-6)
+        assert lung.max_3d_diameter_mm(lab) == pytest.approx((40.0 ** 2 + 2 * 0.7 ** 2) ** 0.5, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,8 +307,9 @@ def test_paste_back_of_slab_consensus_is_exact(shared_data, pid):
     lab = lung.paste_back(stack, region, ct)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(lab), (carr > 0).astype(np.uint8))
     assert lab.GetOrigin() == ct.GetOrigin() and lab.GetSpacing() == ct.GetSpacing()
-    d = lung.nodule_diameter_mm(lab)
+    d = lung.longest_axial_diameter_mm(lab)
     assert 5.0 < d < 60.0
+    assert d <= lung.max_3d_diameter_mm(lab) < 100.0
 
 
 def test_patients_with_hu_slabs_are_always_test():

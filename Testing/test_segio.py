@@ -88,7 +88,7 @@ def test_liver_terminology_codes(tmp_path):
     path = segio.write_segmentation(_oblique_labelmap(tasks.LIVER), tasks.LIVER, tmp_path / "l.seg.nrrd")
     header = nrrd.read_header(str(path))
     assert "~SCT^10200004^Liver~" in header["Segment0_Tags"]
-    assert "~SCT^108369006^Tumor~" in header["Segment1_Tags"]
+    assert "~SCT^108369006^Neoplasm~" in header["Segment1_Tags"]
     # the tumour segment is empty in this labelmap but still present
     assert header["Segment1_Name"] == "Liver tumor"
 

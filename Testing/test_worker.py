@@ -260,9 +260,11 @@ def test_models_list_through_the_real_command_line(tmp_path):
 def test_format_volumes_for_each_task():
     liver = {"event": "result", "segments": {"Liver": {"volume_ml": 1523.449}, "Liver tumor": {"volume_ml": 0.0}}}
     assert worker.format_volumes(liver) == "Liver: 1523.4 mL\nLiver tumor: 0.0 mL"
-    nodule = {"segments": {"Lung nodule": {"volume_ml": 0.5234, "longest_diameter_mm": 11.26}},
+    nodule = {"segments": {"Lung nodule": {"volume_ml": 0.5234, "longest_axial_diameter_mm": 11.26,
+                                           "max_3d_diameter_mm": 13.04}},
               "warnings": ["seed is near the image border"]}
-    assert worker.format_volumes(nodule) == ("Lung nodule: 0.5 mL, longest diameter 11.3 mm\n"
+    assert worker.format_volumes(nodule) == ("Lung nodule: 0.5 mL, longest axial diameter (RECIST) 11.3 mm, "
+                                             "maximum 3D diameter 13.0 mm\n"
                                              "Warning: seed is near the image border")
     retina = {"segments": {"Retinal vessels": {"area_px": 30211, "fraction_of_fov": 0.1123}}}
     assert worker.format_volumes(retina) == "Retinal vessels: 30211 px (11.2% of the field of view)"

@@ -122,7 +122,10 @@ def format_summary(summary: dict) -> str:
              f"({summary['timings_s']['total']:.2f} s, {summary['model']} on {summary['device']})"]
     for name, st in summary["segments"].items():
         if "volume_ml" in st:
-            extra = f", longest diameter {st['longest_diameter_mm']} mm" if "longest_diameter_mm" in st else ""
+            extra = ""
+            if "longest_axial_diameter_mm" in st:
+                extra = (f", longest axial diameter (RECIST) {st['longest_axial_diameter_mm']} mm, "
+                         f"maximum 3D diameter {st['max_3d_diameter_mm']} mm")
             lines.append(f"    {name}: {st['volume_ml']:.1f} mL{extra}")
         else:
             lines.append(f"    {name}: {st['area_px']} px ({100 * st['fraction_of_fov']:.1f}% of the field of view)")

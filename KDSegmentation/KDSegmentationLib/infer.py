@@ -177,7 +177,7 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
 def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> SegmentationResult:
     import torch
 
-    from .lung import extract_seed_region, network_stack, nodule_diameter_mm, paste_back
+    from .lung import extract_seed_region, longest_axial_diameter_mm, max_3d_diameter_mm, network_stack, paste_back
 
     t = {}
     t0 = time.perf_counter()
@@ -196,7 +196,8 @@ def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> Segmenta
     labels = sitk.GetArrayFromImage(lab)
     stats = segment_stats(labels, task, image.GetSpacing())
     name = task.labels[0].name
-    stats[name]["longest_diameter_mm"] = round(float(nodule_diameter_mm(lab)), 1)
+    stats[name]["longest_axial_diameter_mm"] = round(longest_axial_diameter_mm(lab), 1)
+    stats[name]["max_3d_diameter_mm"] = round(max_3d_diameter_mm(lab), 1)
     t["postprocess"] = time.perf_counter() - t0
     res = SegmentationResult(labelmap=lab, stats=stats, timings=t)
     if labels.max() == 0:

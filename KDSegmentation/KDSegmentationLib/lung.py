@@ -371,14 +371,22 @@ def paste_back(prob_stack: np.ndarray, region: SeedRegion, reference, threshold:
     return lab
 
 
-def nodule_diameter_mm(labelmap) -> float:
-    """Longest axial diameter (mm) of a nodule labelmap (SimpleITK, nonzero = nodule); 0.0 when empty.
+def _feret_diameter(points: np.ndarray) -> float:
+    """Largest distance between any two of ``points`` (n, d), through their convex hull."""
+    from scipy.spatial import ConvexHull
 
-    Approximation of the clinical measurement: on the axial slice (index axis closest to S/I) with the largest
-    area, the maximum Feret diameter of the painted pixels, measured between pixel corners (edge to edge).
+    hull = points[ConvexHull(points).vertices]
+    diff = hull[:, None, :] - hull[None, :, :]
+    return float(np.sqrt((diff ** 2).sum(-1)).max())
+
+
+def longest_axial_diameter_mm(labelmap) -> float:
+    """RECIST's measurement: longest diameter (mm) on one axial slice of a nodule labelmap; 0.0 when empty.
+
+    The axial slice (index axis closest to S/I) with the largest area, its maximum Feret diameter measured between
+    pixel corners (edge to edge). A nodule elongated along S/I is longer in 3D: see :func:`max_3d_diameter_mm`.
     """
     import SimpleITK as sitk
-    from scipy.spatial import ConvexHull
 
     axes, flips = stack_axes(labelmap.GetDirection())
     mask = canonical_view(sitk.GetArrayViewFromImage(labelmap), axes, flips) > 0
@@ -389,9 +397,24 @@ def nodule_diameter_mm(labelmap) -> float:
     spacing = labelmap.GetSpacing()
     sp = np.array([spacing[axes[1]], spacing[axes[2]]])
     corners = np.concatenate([rc + off for off in ((-.5, -.5), (-.5, .5), (.5, -.5), (.5, .5))]) * sp
-    pts = corners[ConvexHull(corners).vertices]
-    diff = pts[:, None, :] - pts[None, :, :]
-    return float(np.sqrt((diff ** 2).sum(-1)).max())
+    return _feret_diameter(corners)
+
+
+def max_3d_diameter_mm(labelmap) -> float:
+    """Maximum 3D diameter (mm) of a labelmap's foreground, between voxel corners in physical space; 0.0 when empty.
+
+    Measured with the image's spacing and direction, so it is the same for any orientation of the grid.
+    """
+    import SimpleITK as sitk
+
+    zyx = np.argwhere(sitk.GetArrayViewFromImage(labelmap) > 0)
+    if zyx.size == 0:
+        return 0.0
+    ijk = zyx[:, ::-1].astype(float)
+    offsets = np.array([[dx, dy, dz] for dx in (-.5, .5) for dy in (-.5, .5) for dz in (-.5, .5)])
+    corners = (ijk[:, None, :] + offsets[None]).reshape(-1, 3)
+    to_physical = np.array(labelmap.GetDirection()).reshape(3, 3) * np.array(labelmap.GetSpacing())[None, :]
+    return _feret_diameter(corners @ to_physical.T)
 
 
 # ----------------------------------------------------------------------------------------------------------------

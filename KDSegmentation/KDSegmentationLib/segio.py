@@ -83,6 +83,18 @@ def _ijk_to_lps(image: sitk.Image) -> np.ndarray:
     return m
 
 
+def reference_geometry_string(image: sitk.Image) -> str:
+    """Slicer's serialised reference-image geometry of ``image`` (3D): the 4x4 IJK-to-RAS matrix row by row, then the
+    extent ``0;nx-1;0;ny-1;0;nz-1``, each value followed by ``;`` (as ``vtkSegmentationConverter`` writes it).
+
+    Stored in the ``.seg.nrrd`` so that a file opened on its own (drag and drop) still knows the grid of its input.
+    """
+    ijk_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ _ijk_to_lps(image)
+    extent = [v for n in image.GetSize() for v in (0, int(n) - 1)]
+    numbers = [repr(float(v) + 0.0).removesuffix(".0") for v in ijk_to_ras.ravel()]  # + 0.0: no "-0"
+    return "".join(f"{n};" for n in numbers + [str(v) for v in extent])
+
+
 def _checked_labels(labelmap: sitk.Image, task) -> np.ndarray:
     if labelmap.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("labelmap must have scalar pixels")
@@ -122,6 +134,10 @@ def _seg_dict(labelmap3d: sitk.Image, voxels_zyx: np.ndarray, task, extra_metada
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
         "referenceImageExtentOffset": [0, 0, 0],
+        # Slicer's serialisation: "name|value|description&" per parameter (its reader needs the closing "&")
+        "Segmentation_ConversionParameters": (
+            f"Reference image geometry|{reference_geometry_string(labelmap3d)}|Image geometry description string "
+            "determining the geometry of the labelmap that is created in course of conversion.&"),
         "encoding": "gzip",
     }
     seg[METADATA_PREFIX + "Task"] = task.name

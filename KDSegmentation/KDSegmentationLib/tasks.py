@@ -11,7 +11,11 @@ from typing import Dict, Optional, Tuple
 
 @dataclass(frozen=True)
 class Terminology:
-    """DICOM/Slicer terminology triplets (coding scheme, code value, code meaning)."""
+    """DICOM/Slicer terminology triplets (coding scheme, code value, code meaning).
+
+    Every code is either in the list its context names (Slicer's DICOM master lists) or declared in full in the
+    project's ``Resources/Terminology`` files, so Slicer's terminology logic resolves each segment without an error.
+    """
 
     category: Tuple[str, str, str]
     type: Tuple[str, str, str]
@@ -90,7 +94,7 @@ LIVER = _register(TaskSpec(
         Label(1, "Liver", (221, 130, 101),
               Terminology(_ANATOMY, ("SCT", "10200004", "Liver"))),
         Label(2, "Liver tumor", (144, 238, 144),
-              Terminology(_ALTERED, ("SCT", "108369006", "Tumor"), region=("SCT", "10200004", "Liver"))),
+              Terminology(_ALTERED, ("SCT", "108369006", "Neoplasm"), region=("SCT", "10200004", "Liver"))),
     ),
     spacing_mm=(3.0, 3.0, 3.0),
     hu_window=(-200.0, 300.0),
@@ -128,7 +132,8 @@ RETINA = _register(TaskSpec(
     labels=(
         Label(1, "Retinal vessels", (216, 101, 79),
               Terminology(_ANATOMY, ("KDSEG", "RV0001", "Retinal blood vessel"),
-                          context="KDSegmentation - retina", region=("SCT", "5665001", "Retina"))),
+                          context="KDSegmentation - retina", region=("SCT", "5665001", "Retina"),
+                          region_context="KDSegmentation - anatomic regions")),
     ),
     fov_diameter_px=540.0,
     roi_size=(256, 256),

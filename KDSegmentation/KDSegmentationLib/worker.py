@@ -340,8 +340,10 @@ def format_volumes(result_event: Optional[Dict[str, Any]]) -> str:
         stats = stats or {}
         if "volume_ml" in stats:
             text = f"{name}: {_fmt_number(stats['volume_ml'], 1)} mL"
-            if stats.get("longest_diameter_mm") is not None:
-                text += f", longest diameter {_fmt_number(stats['longest_diameter_mm'], 1)} mm"
+            if stats.get("longest_axial_diameter_mm") is not None:
+                text += f", longest axial diameter (RECIST) {_fmt_number(stats['longest_axial_diameter_mm'], 1)} mm"
+            if stats.get("max_3d_diameter_mm") is not None:
+                text += f", maximum 3D diameter {_fmt_number(stats['max_3d_diameter_mm'], 1)} mm"
         elif "area_px" in stats:
             text = f"{name}: {int(stats['area_px'])} px"
             if stats.get("fraction_of_fov") is not None:
