@@ -13,12 +13,18 @@ def _entries(folder: Path, source: str) -> List[Dict]:
     out = []
     if not folder.is_dir():
         return out
-    for path in sorted(folder.glob("*.kdseg.pt")):
+    try:
+        paths = sorted(folder.glob("*.kdseg.pt"))
+    except OSError:  # an unreadable folder hides nothing else: the other source is still listed
+        return out
+    for path in paths:
         try:
             header = read_header(path)
-        except InputError as exc:
+        except Exception as exc:  # one bad file must never hide the others (the panel's model list reads this)
+            message = str(exc) if isinstance(exc, InputError) else \
+                f"model file {path} is unreadable ({type(exc).__name__}); reinstall or retrain it"
             out.append({"name": path.name[:-len(".kdseg.pt")], "path": str(path), "source": source, "task": "?",
-                        "role": "?", "error": str(exc), "card": {}})
+                        "role": "?", "error": " ".join(message.split()), "card": {}})
             continue
         out.append({"name": path.name[:-len(".kdseg.pt")], "path": str(path), "source": source,
                     "task": header.get("task"), "role": header.get("role"), "version": header.get("version"),
