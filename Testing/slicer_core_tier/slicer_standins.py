@@ -182,12 +182,12 @@ class _ModuleEntry:
         return self._logic
 
 
-def _real_logics(scene, slicer) -> Dict[str, object]:
-    """The wheel's module logics on ``scene`` (as Slicer's application logic would set them up)."""
+def _real_logics(scene, slicer, home: Path) -> Dict[str, object]:
+    """The wheel's module logics on ``scene`` (as Slicer's application logic would set them up); ``home`` is an
+    empty Slicer home folder (no user colour tables, no extensions)."""
     application_logic = slicer.vtkSlicerApplicationLogic()
     application_logic.SetMRMLScene(scene)
-    home = Path(tempfile.mkdtemp(prefix="slicer-home-"))  # no user colour tables, no extensions
-    (home / "share" / "ColorFiles").mkdir(parents=True)
+    (home / "share" / "ColorFiles").mkdir(parents=True, exist_ok=True)
     application_logic.SetHomeDirectory(str(home))
     application_logic.SetShareDirectory("share")
     logics = {"application": application_logic}
@@ -285,7 +285,7 @@ def new_scene(slicer, temporary_path: str):
     scene = slicer.vtkMRMLScene()
     slicer.mrmlScene = scene
     slicer.app = App(temporary_path)
-    logics = _real_logics(scene, slicer)
+    logics = _real_logics(scene, slicer, Path(temporary_path) / "slicer-home")
     slicer.app.applicationLogic = lambda: logics["application"]
     _create_hierarchy_items_for_new_nodes(slicer, scene)
     slicer.modules = types.SimpleNamespace(**{name: _ModuleEntry(logic) for name, logic in logics.items()
