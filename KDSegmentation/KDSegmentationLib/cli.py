@@ -50,6 +50,82 @@ def check_output_path(path: str) -> Path:
     return out
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, where the OS has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_threads(value) -> tuple:
+    """``--threads`` -> (count or None, warning or None). Over the CPU count is capped: each torch thread is an OS
+    thread, and 100000 of them starve the whole machine instead of going faster."""
+    if value is None:
+        return None, None
+    text = str(value).strip()
+    try:
+        count = int(text)
+    except ValueError:
+        count = None
+    if count is None or isinstance(value, bool) or isinstance(value, float) or count < 1:
+        raise InputError(f"--threads must be a whole number of CPU threads, 1 or more (got {bound_text(text, 40)!r})")
+    cpus = available_cpus()
+    if count > cpus:
+        return cpus, f"--threads {count} is more than the {cpus} CPUs available; using {cpus}"
+    return count, None
+
+
+def check_not_input(input_path, out: Path) -> None:
+    """Refuse an output that would overwrite the input (same file through any path or link, or a file inside the
+    input DICOM folder): the labelmap would replace the patient's image, and a later run would read it as a slice."""
+    inp = Path(os.path.realpath(str(input_path)))
+    target = Path(os.path.realpath(str(out)))
+    same = target == inp
+    if not same and out.exists() and inp.exists():
+        try:
+            same = os.path.samefile(str(out), str(inp))  # hard links
+        except OSError:
+            same = False
+    if same:
+        raise InputError(f"--output {bound_text(str(out))} is the input image itself; choose another output name "
+                         "(the input is never overwritten)")
+    if inp.is_dir() and inp in target.parents:
+        raise InputError(f"--output {bound_text(str(out))} is inside the input folder {bound_text(str(inp))}; write "
+                         "the result outside it (the input is never modified)")
+
+
+def check_path_text(value, what: str) -> None:
+    """A path the OS cannot even look up (NUL byte, name too long, link loop) is a bad input, not an internal
+    error."""
+    text = str(value)
+    if "\x00" in text:
+        raise InputError(f"{what} path {bound_text(repr(text))} contains a NUL character; give a real file name")
+    try:
+        os.stat(text)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        raise InputError(f"{what} path {bound_text(text)} cannot be used ({exc.strerror or type(exc).__name__}); "
+                         "give a shorter or valid path") from None
+
+
+def bound_text(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (head and tail kept): user-given paths and values are quoted in messages,
+    and a 50 MB path must not become a 50 MB message."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(8, limit // 2 - 2)
+    return f"{text[:keep]}...{text[-keep:]}"
+
+
+def bound_message(message: str, word_limit: int = 300, total_limit: int = 2000) -> str:
+    """One line of bounded length: every long word (a path, a value) cut, then the whole message."""
+    words = [bound_text(w, word_limit) for w in str(message).split()]
+    return bound_text(" ".join(words), total_limit)
+
+
 def set_threads(threads: Optional[int]) -> None:
     import torch
 
@@ -70,12 +146,15 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
     progress = progress or Progress("none")
     t_start = time.perf_counter()
     task = get_task(task_name)
+    check_path_text(input_path, "input")
+    check_path_text(output_path, "output")
     out = check_output_path(output_path)
     if task.needs_seed and seed_ras is None:
         raise InputError(f"task {task.name} needs --seed-ras X,Y,Z (a point inside the nodule, RAS mm as shown "
                          "in Slicer)")
     if not Path(input_path).exists():
         raise InputError(f"input {input_path} does not exist; give an image file or a DICOM folder")
+    check_not_input(input_path, out)
 
     from .infer import load_task_model, pick_device, resolve_model, segment_image
 
@@ -195,6 +274,9 @@ def cmd_models(args) -> int:
             print("no models installed")
         for e in entries:
             card = e.get("card", {})
+            if e.get("error"):
+                print(f"{e['name']:<40} {'?':<12} {'?':<8} {e['source']:<7} unusable: {e['error']}")
+                continue
             print(f"{e['name']:<40} {e['task']:<12} {e['role']:<8} {e['source']:<7} "
                   f"{card.get('parameters', '?')} params")
     return 0
@@ -258,34 +340,126 @@ def cmd_serve(args) -> int:
     out = sys.stdout
     out.write(json.dumps({"event": "log", "level": "info", "message": "ready"}) + "\n")
     out.flush()
-    for line in sys.stdin:
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            req = json.loads(line)
-        except json.JSONDecodeError:
-            out.write(json.dumps({"event": "error", "message": "request is not valid JSON"}) + "\n")
-            out.flush()
-            continue
-        if req.get("command") == "quit":
-            break
-        progress = _TaggedProgress(req.get("id"), out)
-        try:
-            if req.get("command") != "segment":
-                raise InputError(f"unknown command {req.get('command')!r}; the worker understands segment, quit")
-            seed = req.get("seed_ras")
-            summary = run_segment(req["task"], req["input"], req["output"], model=req.get("model", "student"),
-                                  device=req.get("device", "auto"), seed_ras=tuple(seed) if seed else None,
-                                  progress=progress)
-            progress.result(**summary)
-        except InputError as exc:
-            progress.error(str(exc))
-        except KeyError as exc:
-            progress.error(f"request is missing {exc}")
-        except Exception as exc:  # keep the worker alive for the next request
-            progress.error(f"internal error: {type(exc).__name__}: {exc}")
+    restore = _install_cancel_handlers()
+    try:
+        for line, problem in _request_lines(getattr(sys.stdin, "buffer", sys.stdin)):
+            req, problem = _parse_request(line, problem)
+            if problem:
+                _TaggedProgress(_request_id_of(req, line), out).error(problem)
+                continue
+            if req.get("command") == "quit":
+                break
+            progress = _TaggedProgress(_request_id_of(req, line), out)
+            try:
+                if req.get("command") != "segment":
+                    raise InputError(f"unknown command {bound_text(repr(req.get('command')), 80)}; the worker "
+                                     "understands segment, quit")
+                fields = _request_fields(req)
+                summary = run_segment(fields["task"], fields["input"], fields["output"], model=fields["model"],
+                                      device=fields["device"], seed_ras=fields["seed_ras"], progress=progress)
+                progress.result(**summary)
+            except KeyboardInterrupt as exc:
+                progress.error(f"cancelled ({str(exc) or 'SIGINT'}); the worker stops")
+                return 128 + int(getattr(exc, "signal", None) or 2)
+            except InputError as exc:
+                progress.error(str(exc))
+            except KeyError as exc:
+                progress.error(f"request is missing {exc}")
+            except RecursionError:
+                progress.error("request is nested too deeply")
+            except Exception as exc:  # keep the worker alive for the next request
+                progress.error(f"internal error: {type(exc).__name__}: {exc}")
+    except KeyboardInterrupt as exc:  # signalled between requests: nothing to answer
+        return 128 + int(getattr(exc, "signal", None) or 2)
+    finally:
+        if restore:
+            restore()
     return 0
+
+
+# One request line at most; longer ones are skipped up to their end (the line is never held whole in memory) and
+# answered with an error, so a runaway client cannot exhaust the worker's memory.
+MAX_REQUEST_BYTES = 1 << 20
+
+
+def _request_lines(stream):
+    """Yield (line bytes, None) or (first bytes, problem) for each non-empty line of ``stream``."""
+    while True:
+        line = stream.readline(MAX_REQUEST_BYTES + 1)
+        if isinstance(line, str):  # a text stream (tests, embedding)
+            line = line.encode("utf-8", "surrogateescape")
+        if not line:
+            return
+        if len(line) > MAX_REQUEST_BYTES and not line.endswith(b"\n"):
+            head = line[:4096]
+            while True:
+                chunk = stream.readline(MAX_REQUEST_BYTES)
+                if not chunk or chunk.endswith(b"\n" if isinstance(chunk, bytes) else "\n"):
+                    break
+            yield head, f"request line longer than {MAX_REQUEST_BYTES // 1024} KiB"
+            continue
+        if line.strip():
+            yield line, None
+
+
+def _parse_request(line: bytes, problem: Optional[str]):
+    """(request dict or None, problem or None)."""
+    if problem:
+        return None, problem
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "request is not valid UTF-8"
+    try:
+        req = json.loads(text)
+    except RecursionError:
+        return None, "request is nested too deeply"
+    except ValueError:
+        return None, "request is not valid JSON"
+    if not isinstance(req, dict):
+        return None, f"request must be a JSON object, got {type(req).__name__}"
+    return req, None
+
+
+def _request_id_of(req, line: bytes):
+    """The request's id when it has a usable one (a number or short text), also dug out of a line that failed to
+    parse, so the client can match the error to its request."""
+    if isinstance(req, dict):
+        rid = req.get("id")
+    else:
+        import re
+
+        m = re.search(rb'"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,200}")', line[:4096] if line else b"")
+        if not m:
+            return None
+        try:
+            rid = json.loads(m.group(1).decode("utf-8"))
+        except ValueError:
+            return None
+    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        return None
+    if isinstance(rid, str):
+        return bound_text(rid, 200)
+    return rid
+
+
+def _request_fields(req: dict) -> dict:
+    """The segment request's fields, typed: a wrong type is a bad request, not an internal error."""
+    fields = {}
+    for key, default in (("task", None), ("input", None), ("output", None), ("model", "student"),
+                         ("device", "auto")):
+        value = req[key] if default is None else req.get(key, default)
+        if not isinstance(value, str):
+            raise InputError(f"request field '{key}' must be text, got {type(value).__name__}")
+        fields[key] = value
+    seed = req.get("seed_ras")
+    if seed is not None:
+        if not isinstance(seed, list) or len(seed) != 3 \
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in seed):
+            raise InputError("request field 'seed_ras' must be three numbers [x, y, z] in RAS millimetres")
+        seed = tuple(float(v) for v in seed)
+    fields["seed_ras"] = seed or None
+    return fields
 
 
 class _TaggedProgress:
@@ -308,6 +482,8 @@ class _TagStream:
             if line.strip():
                 obj = json.loads(line)
                 obj["id"] = self.request_id
+                if isinstance(obj.get("message"), str):
+                    obj["message"] = bound_message(obj["message"])
                 self.stream.write(json.dumps(obj) + "\n")
 
     def flush(self):
@@ -333,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="student", help="student (default), teacher, a model file or a local name")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--seed-ras", help="X,Y,Z point in RAS mm (lung_nodule)")
-    s.add_argument("--threads", type=int, help="CPU threads for torch")
+    s.add_argument("--threads", type=str, help="CPU threads for torch")
     s.add_argument("--progress", default="auto", choices=["auto", "json", "bar", "none"])
     s.set_defaults(func=cmd_segment)
 
@@ -347,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default="kdseg-demo", help="folder for the inputs and results")
     s.add_argument("--model", default="student")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=str)
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("evaluate", help="metrics of one prediction, or of a model over a dataset")
@@ -359,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cases", help="comma-separated case ids to evaluate instead of a split")
     s.add_argument("--model", default="student")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=str)
     s.add_argument("--output", help="also write the metrics JSON here")
     s.add_argument("--progress", default="auto", choices=["auto", "json", "bar", "none"])
     s.set_defaults(func=cmd_evaluate)
@@ -371,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--thresholds", help="comma-separated candidates (default 0.30,0.35,...,0.90)")
     s.add_argument("--dry-run", action="store_true", help="print the table, leave the model file as it is")
     s.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=str)
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("models", help="list installed and locally distilled models, or show one's card")
@@ -381,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("serve", help="persistent worker: JSON requests on stdin, JSON events on stdout")
-    s.add_argument("--threads", type=int)
+    s.add_argument("--threads", type=str)
     s.set_defaults(func=cmd_serve)
 
     try:
@@ -417,17 +593,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     json_mode = getattr(args, "progress", None) == "json"
+    restore = _install_cancel_handlers() if args.command in _CANCEL_COMMANDS else None
     try:
+        if getattr(args, "threads", None) is not None:
+            args.threads, warning = parse_threads(args.threads)
+            if warning:
+                _report_warning(warning, json_mode)
         return int(args.func(args) or 0)
     except InputError as exc:
         _report_error(str(exc), json_mode)
         return 2
     except CancelledError as exc:
         _report_error(f"cancelled: {exc}" if str(exc) else "cancelled", json_mode)
-        return 130
-    except KeyboardInterrupt:
-        _report_error("cancelled", json_mode)
-        return 130
+        return 128 + int(getattr(exc, "signal", None) or 2)
+    except KeyboardInterrupt as exc:
+        signum = int(getattr(exc, "signal", None) or 2)
+        _report_error("cancelled" if signum == 2 else f"cancelled ({exc})", json_mode)
+        return 128 + signum
     except MemoryError:
         _report_error("out of memory; use a machine with more memory, a smaller image, or --device cuda", json_mode)
         return 2
@@ -436,10 +618,68 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         _report_error(f"internal error: {type(exc).__name__}: {exc} (set KDSEG_DEBUG=1 for a traceback)", json_mode)
         return 1
+    finally:
+        if restore:
+            restore()
+
+
+# Commands whose SIGTERM becomes a clean cancellation (exit 143, temp files removed by the writers' cleanup);
+# training has its own handler that checkpoints first.
+_CANCEL_COMMANDS = ("segment", "demo", "evaluate", "calibrate", "sample", "models")
+
+
+class Signalled(KeyboardInterrupt):
+    """SIGINT/SIGTERM as an exception. A KeyboardInterrupt, not an Exception, so that no library's broad
+    ``except Exception`` turns a cancellation into an ordinary error and carries on."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signal = signum
+
+
+def _install_cancel_handlers():
+    """SIGTERM raises :class:`CancelledError` in the main thread (as Ctrl-C raises KeyboardInterrupt), so every
+    ``finally`` runs and no hidden temp file is left beside the output. Returns a function restoring the old ones."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    fired = []
+
+    def handler(signum, frame):
+        if fired:  # a second signal during the cleanup must not interrupt the cleanup itself
+            return
+        fired.append(signum)
+        raise Signalled(signum)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            old[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):
+            pass
+
+    def restore():
+        for sig, previous in old.items():
+            try:
+                signal.signal(sig, previous)
+            except (ValueError, OSError):
+                pass
+    return restore
+
+
+def _report_warning(message: str, json_mode: bool) -> None:
+    message = bound_message(message)
+    if json_mode:
+        print(json.dumps({"event": "log", "level": "warning", "message": message}), flush=True)
+    print(f"kdseg: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _report_error(message: str, json_mode: bool) -> None:
-    message = " ".join(message.split())  # one line, always
+    message = bound_message(message)  # one line, always, and bounded
     if json_mode:
         print(json.dumps({"event": "error", "message": message}), flush=True)
     print(f"kdseg: error: {message}", file=sys.stderr, flush=True)

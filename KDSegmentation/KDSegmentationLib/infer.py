@@ -41,13 +41,32 @@ def resolve_model(task: TaskSpec, model: str = "student") -> Path:
                              f"train one with 'kdseg train-teacher'/'kdseg distill' or pass --model FILE")
         return path
     p = Path(model)
+    if _is_bare_name(model):
+        # A bare name means an installed model: the user's folder, then the shipped ones, and only then a file of
+        # that name in the current directory (which anyone who can write there could plant).
+        for cand in _named_model_candidates(model):
+            if cand.is_file():
+                return cand
     if p.is_file():
         return p
-    for cand in (user_models_dir() / model, user_models_dir() / f"{model}.kdseg.pt"):
-        if cand.is_file():
-            return cand
     raise InputError(f"model '{model}' not found; pass student, teacher, a model file, or a name from "
                      f"'kdseg models list'")
+
+
+def _is_bare_name(model: str) -> bool:
+    return bool(model) and Path(model).name == model and model not in (".", "..") and "/" not in model \
+        and os.sep not in model and (os.altsep is None or os.altsep not in model)
+
+
+def _named_model_candidates(model: str) -> List[Path]:
+    from .resources import shipped_models_dir, user_models_dir
+
+    folders = [user_models_dir()]
+    try:
+        folders.append(shipped_models_dir())
+    except FileNotFoundError:
+        pass
+    return [folder / name for folder in folders for name in (model, f"{model}.kdseg.pt")]
 
 
 def pick_device(name: str = "auto"):
