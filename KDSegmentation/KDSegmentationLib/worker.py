@@ -51,9 +51,56 @@ def worker_env(base: Optional[Dict[str, str]] = None, extra: Optional[Dict[str, 
     # A Windows console code page would otherwise mangle non-ASCII paths in messages.
     env["PYTHONIOENCODING"] = "utf-8"
     env["PYTHONUTF8"] = "1"
+    # Python >= 3.11: the current directory is not put on sys.path, so a numpy.py or KDSegmentationLib/ lying in
+    # the folder Slicer was started from is never imported by the engine (older versions ignore it; see safe_cwd).
+    env["PYTHONSAFEPATH"] = "1"
     for key, value in (extra or {}).items():
         env[str(key)] = str(value)
     return env
+
+
+def safe_cwd() -> str:
+    """Working directory for the engine: its own installed folder, which only the installer writes. Not the panel's
+    current directory (anyone's download folder) nor the shared temp folder, where others can plant modules that
+    an interpreter without ``-P`` would import first."""
+    return str(LIB_PARENT) if LIB_PARENT.is_dir() else str(Path.home())
+
+
+_SAFE_PATH_SUPPORT: Dict[str, bool] = {}
+
+
+def supports_safe_path(python_executable) -> bool:
+    """Whether ``python_executable`` understands ``-P`` (Python >= 3.11: no script/current folder on sys.path).
+    Another interpreter (PythonSlicer) is asked once; any doubt answers False and the safe working directory and
+    PYTHONSAFEPATH still apply."""
+    exe = str(python_executable)
+    if exe in _SAFE_PATH_SUPPORT:
+        return _SAFE_PATH_SUPPORT[exe]
+    try:
+        same = Path(exe).resolve() == Path(sys.executable).resolve()
+    except OSError:
+        same = False
+    if same:
+        ok = sys.version_info >= (3, 11)
+    else:
+        try:
+            probe = subprocess.run([exe, "-P", "-c", "import sys; sys.exit(0 if sys.flags.safe_path else 3)"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   cwd=safe_cwd(), timeout=20)
+            ok = probe.returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    _SAFE_PATH_SUPPORT[exe] = ok
+    return ok
+
+
+def with_safe_path(command: Sequence[str]) -> List[str]:
+    """``python -m KDSegmentationLib ...`` with ``-P`` added where the interpreter has it. Only engine command lines:
+    a plain script may rely on its own folder being importable."""
+    cmd = [str(c) for c in command]
+    if len(cmd) >= 3 and cmd[1:3] == ["-m", LIB_NAME] and supports_safe_path(cmd[0]):
+        return [cmd[0], "-P"] + cmd[1:]
+    return cmd
 
 
 def format_seed(seed_ras: Sequence[float]) -> str:
@@ -154,13 +201,14 @@ class WorkerProcess:
         kwargs: Dict[str, Any] = dict(
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             stdin=subprocess.PIPE if self.interactive else subprocess.DEVNULL,
-            env=self.env, cwd=self.cwd, text=True, encoding="utf-8", errors="replace", bufsize=1)
+            env=self.env, cwd=self.cwd if self.cwd is not None else safe_cwd(), text=True, encoding="utf-8",
+            errors="replace", bufsize=1)
         if os.name == "nt":
             kwargs["creationflags"] = (getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
                                        | getattr(subprocess, "CREATE_NO_WINDOW", 0))
         else:
             kwargs["start_new_session"] = True
-        self._proc = subprocess.Popen(self.command, **kwargs)
+        self._proc = subprocess.Popen(with_safe_path(self.command), **kwargs)
         self.start_time = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="kdseg-worker-reader", daemon=True)
         self._reader.start()
