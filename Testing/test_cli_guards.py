@@ -136,6 +136,45 @@ def test_output_equal_to_input_end_to_end(tmp_path, tiny_models):
     assert ct.read_bytes() == data and _hidden(tmp_path) == []
 
 
+def test_evaluate_output_equal_to_a_segmentation_is_refused(tmp_path, capsys):
+    seg = _ct(tmp_path / "pred.nrrd")
+    data = seg.read_bytes()
+    for flag in ("--pred", "--ref"):
+        other = "--ref" if flag == "--pred" else "--pred"
+        code = main(["evaluate", "--task", "liver", flag, str(seg), other, str(_ct(tmp_path / "other.nrrd")),
+                     "--output", str(seg)])
+        _, err = capsys.readouterr()
+        assert code == 2, err
+        _one_error_line(err)
+        assert seg.read_bytes() == data
+
+
+@pytest.mark.parametrize("grid", ["0.5,1.5", "0,0.5", "nan", "-0.2", "inf"])
+def test_calibrate_refuses_thresholds_outside_0_1(grid, tmp_path, tiny_models, capsys):
+    model = tmp_path / "m.kdseg.pt"
+    model.write_bytes(Path(tiny_models["retina"]).read_bytes())
+    before = model.read_bytes()
+    code = main(["calibrate", "--model", str(model), "--data", str(tmp_path), f"--thresholds={grid}"])
+    _, err = capsys.readouterr()
+    assert code == 2, err
+    _one_error_line(err)
+    assert model.read_bytes() == before
+
+
+def test_unusable_path_texts_are_bad_input_not_internal_errors(tmp_path, tiny_models, capsys):
+    out = tmp_path / "o.seg.nrrd"
+    for args in (["--input", "/x/" + "a" * 5000, "--output", str(out), "--model", str(tiny_models["retina"])],
+                 ["--input", str(PHOTO), "--output", str(out), "--model", "m" * 5000],
+                 ["--input", str(PHOTO), "--output", str(tmp_path / ("b" * 300 + ".seg.nrrd")),
+                  "--model", str(tiny_models["retina"])]):
+        code = main(["segment", "--task", "retina", *args])
+        _, err = capsys.readouterr()
+        assert code == 2, err
+        _one_error_line(err)
+        assert "internal error" not in err
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------------------
 # --threads
 # ------------------------------------------------------------------------------------------------------------
@@ -227,6 +266,8 @@ def test_serve_survives_any_line_and_answers_each(tmp_path, tiny_models):
                     "output": str(tmp_path / "z.seg.nrrd")}).encode(),
         json.dumps({"id": 11, "command": "segment", "task": "liver", "input": str(ct), "output": str(ct),
                     "model": str(tiny_models["liver"])}).encode(),
+        json.dumps({"id": 10 ** 40, "command": "segment", "task": "retina", "input": str(PHOTO),
+                    "output": str(tmp_path / "w.seg.nrrd"), "model": "m" * 100_000}).encode(),
         json.dumps(dict(good, id=12, output=str(tmp_path / "ok.seg.nrrd"))).encode(),
         b'{"command": "quit"}',
     ]
@@ -238,7 +279,7 @@ def test_serve_survives_any_line_and_answers_each(tmp_path, tiny_models):
     final = [(e.get("id"), e["event"]) for e in events if e["event"] in ("result", "error")]
     assert final == [(None, "error")] * 6 + [(3, "error"), (4, "error"), (5, "error"), (6, "error"), (7, "error"),
                                              (8, "error"), (9, "error"), (10, "error"), (11, "error"),
-                                             (12, "result")], final
+                                             (None, "error"), (12, "result")], final
     assert (tmp_path / "ok.seg.nrrd").exists() and ct.read_bytes() == ct_bytes
     assert "internal error" not in proc.stdout.decode()
 

@@ -197,3 +197,17 @@ def test_one_bad_file_never_hides_the_others(tiny, tmp_path, capsys, monkeypatch
 
     assert main(["models", "show", "bad_threshold"]) == 0
     assert "decision_threshold" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_non_finite_weights_are_refused(tiny, tmp_path):
+    raw = torch.load(str(tiny["retina"]), map_location="cpu", weights_only=True)
+    name = next(k for k, v in raw["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    raw["state_dict"][name] = raw["state_dict"][name].clone()
+    raw["state_dict"][name].view(-1)[0] = float("nan")
+    raw["sha256"] = _digest(raw["header"], raw["state_dict"])
+    dst = tmp_path / "nan.kdseg.pt"
+    torch.save(raw, str(dst))
+    with pytest.raises(InputError) as info:
+        load_model(dst)
+    assert "non-finite" in str(info.value)
+    _assert_one_line(str(info.value))

@@ -148,6 +148,7 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
     task = get_task(task_name)
     check_path_text(input_path, "input")
     check_path_text(output_path, "output")
+    check_path_text(model, "model")
     out = check_output_path(output_path)
     if task.needs_seed and seed_ras is None:
         raise InputError(f"task {task.name} needs --seed-ras X,Y,Z (a point inside the nodule, RAS mm as shown "
@@ -289,6 +290,11 @@ def cmd_models(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_dataset, evaluate_pair
 
+    if args.output:
+        out = Path(args.output)
+        for given in (args.pred, args.ref):
+            if given:
+                check_not_input(given, out)
     if args.pred and args.ref:
         result = evaluate_pair(args.task, args.pred, args.ref)
     elif args.data:
@@ -315,6 +321,10 @@ def cmd_calibrate(args) -> int:
             grid = [float(t) for t in args.thresholds.split(",") if t.strip()]
         except ValueError:
             raise InputError(f"--thresholds {args.thresholds!r} is not a comma-separated list of numbers") from None
+        # a stored threshold outside (0, 1) would make the model file unloadable (and its results empty or full)
+        if not grid or not all(0.0 < t < 1.0 for t in grid):
+            raise InputError(f"--thresholds {bound_text(args.thresholds, 200)!r}: every candidate must be a number "
+                             "strictly between 0 and 1")
     result = calibrate(args.model, args.data, grid, device=args.device, threads=args.threads)
     if not args.dry_run:
         store_threshold(args.model, result)
@@ -440,7 +450,7 @@ def _request_id_of(req, line: bytes):
         return None
     if isinstance(rid, str):
         return bound_text(rid, 200)
-    return rid
+    return rid if -2 ** 63 <= rid < 2 ** 63 else None
 
 
 def _request_fields(req: dict) -> dict:
@@ -451,6 +461,9 @@ def _request_fields(req: dict) -> dict:
         value = req[key] if default is None else req.get(key, default)
         if not isinstance(value, str):
             raise InputError(f"request field '{key}' must be text, got {type(value).__name__}")
+        if len(value) > 4096:
+            raise InputError(f"request field '{key}' is {len(value)} characters long; paths and names are at most "
+                             "4096")
         fields[key] = value
     seed = req.get("seed_ras")
     if seed is not None:

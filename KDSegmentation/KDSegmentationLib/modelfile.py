@@ -145,6 +145,10 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
     header = validate_header(_parse_header(raw, path), path)
     network = build_network(header["arch"], **header["arch_args"])
     state = {k: (v.float() if v.is_floating_point() else v) for k, v in raw["state_dict"].items()}
+    # a NaN or infinite weight turns every probability into NaN, and NaN >= threshold is False: an empty result
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise InputError(f"model file {path} has non-finite weights ({_clip(bad)}); reinstall or retrain it")
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:  # missing, unexpected or mis-shaped weights
