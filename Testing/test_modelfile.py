@@ -211,3 +211,19 @@ def test_non_finite_weights_are_refused(tiny, tmp_path):
         load_model(dst)
     assert "non-finite" in str(info.value)
     _assert_one_line(str(info.value))
+
+
+def test_the_panel_lists_an_unusable_model_with_its_error(tiny, tmp_path, monkeypatch):
+    from KDSegmentationLib import worker
+    from KDSegmentationLib.catalog import list_models
+
+    folder = tmp_path / "user-models"
+    folder.mkdir()
+    (folder / "good.kdseg.pt").write_bytes(Path(tiny["retina"]).read_bytes())
+    resave(tiny["retina"], folder / "bad.kdseg.pt", BAD_HEADERS["threshold_2"][1])
+    monkeypatch.setenv("KDSEG_USER_MODELS", str(folder))
+    entries = {e["name"]: e for e in list_models() if e["source"] == "local"}
+    assert "unusable" in worker.model_label(entries["bad"])
+    assert "decision_threshold" in worker.model_card_text(entries["bad"])
+    choices = [value for _, value in worker.model_choices(entries.values(), "retina")]
+    assert str(folder / "good.kdseg.pt") in choices and str(folder / "bad.kdseg.pt") not in choices

@@ -503,6 +503,8 @@ def model_label(entry: Dict[str, Any]) -> str:
     name = entry.get("name") or Path(str(entry.get("path", "model"))).name
     role = entry.get("role", "")
     source = entry.get("source", "")
+    if entry.get("error"):  # listed, so the user sees why it is not offered, instead of it silently missing
+        return f"{name} (unusable, {'local' if source in LOCAL_SOURCES else source or 'local'})"
     bits = [b for b in (entry.get("task"), role, "local" if source in LOCAL_SOURCES else source) if b]
     label = f"{name} ({', '.join(bits)})" if bits else str(name)
     version = entry.get("version") or card.get("version")
@@ -515,6 +517,8 @@ def model_card_text(entry: Dict[str, Any]) -> str:
     """The model card as text: what it was trained on, how well it does, how fast it is."""
     card = dict(entry.get("card") or {})
     lines = [model_label(entry)]
+    if entry.get("error"):
+        lines.append(f"Error: {entry['error']}")
     if entry.get("path"):
         lines.append(f"File: {entry['path']}")
     for key, title in (("data", "Data"), ("training_data", "Training data"), ("metrics", "Metrics"),
