@@ -89,7 +89,7 @@ BAD_HEADERS = {
     "teacher_filters_huge": ("retina", lambda h: (h.update(arch="teacher_unet"),
                                                   h["arch_args"].clear(),
                                                   h["arch_args"].update(spatial_dims=2, in_channels=3, out_channels=2,
-                                                                        filters=[1024] * 8))),
+                                                                        filters=[1024] * 7))),
     "spatial_dims_changed": ("retina", _set(["arch_args", "spatial_dims"], 3)),
     "out_channels_changed": ("liver", _set(["arch_args", "out_channels"], 2)),
     "spacing_changed": ("liver", _set(["preprocessing", "spacing_mm"], [1.0, 1.0, 1.0])),

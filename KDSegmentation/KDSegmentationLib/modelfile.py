@@ -168,7 +168,7 @@ def load_model(path, device: str = "cpu") -> LoadedModel:
 
 MAX_FILE_BYTES = 2 * 2**30          # shipped models are a few MB; 2 GiB is far above any sane model
 MAX_CHANNELS = 1024                 # per layer (shipped networks use at most 320)
-MAX_LEVELS = 8                      # resolution levels of either architecture
+MAX_HALVINGS = 6                    # inputs are padded to 2**halvings: 64 already pads a 3D grid generously
 MAX_BLOCKS = 16                     # repeated blocks per level
 MAX_EXPANSION = 16.0
 MAX_PARAMETERS = 50_000_000         # 200 MB in fp32; the shipped teachers have about 6M
@@ -178,14 +178,14 @@ _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 _ARG_SPECS: Dict[str, Dict[str, tuple]] = {
     "teacher_unet": {
         "spatial_dims": ("int", 2, 3), "in_channels": ("int", 1, 16), "out_channels": ("int", 1, 64),
-        "filters": ("ints", 2, MAX_LEVELS, 1, MAX_CHANNELS), "norm": ("name", None),
+        "filters": ("ints", 2, MAX_HALVINGS + 1, 1, MAX_CHANNELS), "norm": ("name", None),
         "dropout": ("float", 0.0, 0.99),
     },
     "student_mobile": {
         "spatial_dims": ("int", 2, 3), "in_channels": ("int", 1, 16), "out_channels": ("int", 1, 64),
-        "width": ("int", 1, MAX_CHANNELS), "depth": ("int", 1, MAX_LEVELS), "expansion": ("float", 0.01, MAX_EXPANSION),
-        "stem_stride": ("int", 1, 4), "channels": ("ints?", 1, MAX_LEVELS + 1, 1, MAX_CHANNELS),
-        "blocks": ("int|ints", 0, MAX_BLOCKS, 1, MAX_LEVELS + 1), "decoder_expansion": ("float", 0.01, MAX_EXPANSION),
+        "width": ("int", 1, MAX_CHANNELS), "depth": ("int", 1, MAX_HALVINGS), "expansion": ("float", 0.01, MAX_EXPANSION),
+        "stem_stride": ("int", 1, 4), "channels": ("ints?", 1, MAX_HALVINGS + 1, 1, MAX_CHANNELS),
+        "blocks": ("int|ints", 0, MAX_BLOCKS, 1, MAX_HALVINGS + 1), "decoder_expansion": ("float", 0.01, MAX_EXPANSION),
         "full_res_channels": ("int", 0, MAX_CHANNELS), "norm": ("name", ("batch", "instance", "group", "none")),
         "upsample_mode": ("name", ("linear", "nearest")),
     },
