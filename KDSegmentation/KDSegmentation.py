@@ -25,8 +25,8 @@ from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterN
 from slicer.util import VTKObservationMixin
 
 # Slicer-free and light (no torch/MONAI): the heavy engine only ever runs in the worker process.
-from KDSegmentationLib import worker
-from KDSegmentationLib.resources import shipped_models_dir, user_models_dir
+from KDSegmentationLib.client import worker
+from KDSegmentationLib.paths import shipped_models_dir, user_models_dir
 from KDSegmentationLib.tasks import TASKS
 
 
@@ -493,7 +493,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         ScriptedLoadableModuleLogic.__init__(self)
         VTKObservationMixin.__init__(self)
         self.keepWorker = True
-        # process handling is Slicer-free (KDSegmentationLib.worker); this class adds the scene around it
+        # process handling is Slicer-free (KDSegmentationLib.client.worker); this class adds the scene around it
         self.runs = worker.RunManager(python_executable=self.pythonExecutable)
         self.runs.on_segment_result = self._importResult
         self.runs.on_metric = self._updatePlot

@@ -22,7 +22,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import LIB_PARENT
-from KDSegmentationLib import imageio, tasks
+from KDSegmentationLib import tasks
+from KDSegmentationLib.io import images as imageio
 from KDSegmentationLib.errors import InputError
 
 TASKS = {"liver": tasks.LIVER, "lung_nodule": tasks.LUNG_NODULE, "retina": tasks.RETINA}

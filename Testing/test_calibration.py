@@ -11,10 +11,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import REPO, require
-from KDSegmentationLib.calibration import calibrate, dice_at_thresholds, store_threshold
-from KDSegmentationLib.cli import main
+from KDSegmentationLib.evaluation.calibrate import calibrate, dice_at_thresholds, store_threshold
+from KDSegmentationLib.cli.main import main
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.modelfile import load_model, read_header
+from KDSegmentationLib.models.files import load_model, read_header
 
 MODELS = REPO / "Resources" / "Models"
 SAMPLE = REPO / "Resources" / "Samples" / "lung_nodule"

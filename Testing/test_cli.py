@@ -14,10 +14,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import LIB_PARENT, REPO
-from KDSegmentationLib.cli import main
-from KDSegmentationLib.modelfile import save_model
-from KDSegmentationLib.networks import build_network, default_arch_args
-from KDSegmentationLib.segio import read_segmentation
+from KDSegmentationLib.cli.main import main
+from KDSegmentationLib.models.files import save_model
+from KDSegmentationLib.models.networks import build_network, default_arch_args
+from KDSegmentationLib.io.segmentations import read_segmentation
 from KDSegmentationLib.tasks import TASKS
 
 SAMPLES = REPO / "Resources" / "Samples"

@@ -18,10 +18,10 @@ import SimpleITK as sitk
 import torch
 
 from conftest import LIB_PARENT, REPO
-from KDSegmentationLib.cli import available_cpus, main
-from KDSegmentationLib.infer import resolve_model
-from KDSegmentationLib.modelfile import save_model
-from KDSegmentationLib.networks import build_network, default_arch_args
+from KDSegmentationLib.cli.main import available_cpus, main
+from KDSegmentationLib.inference.segment import resolve_model
+from KDSegmentationLib.models.files import save_model
+from KDSegmentationLib.models.networks import build_network, default_arch_args
 from KDSegmentationLib.tasks import get_task
 
 SAMPLES = REPO / "Resources" / "Samples"
@@ -288,7 +288,7 @@ _SIGNAL_DRIVER = textwrap.dedent("""
     import os, signal, sys, time
     sys.path.insert(0, {lib!r})
     import SimpleITK as sitk
-    from KDSegmentationLib import cli
+    from KDSegmentationLib.cli import main as cli
 
     real_write = sitk.WriteImage
 

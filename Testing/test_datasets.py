@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from KDSegmentationLib import augment, datasets as ds
+from KDSegmentationLib.training import augment
+from KDSegmentationLib.training import datasets as ds
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import get_task
 
@@ -247,7 +248,7 @@ def test_training_from_a_cache_never_imports_simpleitk(tmp_path):
     code = f"""
 import sys
 sys.modules['SimpleITK'] = None  # any import of it now fails
-from KDSegmentationLib.trainer import TrainConfig, train
+from KDSegmentationLib.training.trainer import TrainConfig, train
 train(TrainConfig(task='retina', data={str(tmp_path / 'cache')!r}, output={str(tmp_path / 'm.kdseg.pt')!r},
                   role='teacher', steps=2, batch_size=2, patch=(32, 32), val_fraction=0,
                   arch_args={{'filters': [4, 8, 16]}}))
@@ -380,8 +381,8 @@ def test_contrast_phase_shift_moves_soft_tissue_not_air_or_fat():
 
 
 def test_crop_normalisation_matches_whole_photo(shared_data):
-    from KDSegmentationLib.fundus import fov_diameter, fov_mask
-    from KDSegmentationLib.preprocess import fundus_input
+    from KDSegmentationLib.tasks.retina import fov_diameter, fov_mask
+    from KDSegmentationLib.tasks.preprocess import fundus_input
 
     rgb = np.asarray(Image.open(require(shared_data / "retina/DRIVE/training/images/21_training.tif")))
     fov = fov_mask(rgb)

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KDSegmentationLib import datasets as ds
-from KDSegmentationLib.modelfile import read_header
+from KDSegmentationLib.training import datasets as ds
+from KDSegmentationLib.models.files import read_header
 from KDSegmentationLib.progress import parse_event
 
 from conftest import LIB_PARENT

@@ -9,7 +9,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from conftest import require
-from KDSegmentationLib import fundus
+from KDSegmentationLib.tasks import retina as fundus
 
 DRIVE_CASES = ["test/01_test", "test/07_test", "test/14_test", "training/21_training", "training/33_training",
                "training/40_training"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from KDSegmentationLib import geometry
+from KDSegmentationLib.io import geometry
 
 
 def _rotation(axis, angle) -> np.ndarray:

@@ -7,7 +7,8 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import require
-from KDSegmentationLib import imageio, tasks
+from KDSegmentationLib import tasks
+from KDSegmentationLib.io import images as imageio
 from KDSegmentationLib.errors import InputError
 
 
@@ -245,8 +246,8 @@ def test_io_modules_do_not_import_torch():
     import sys
 
     code = ("import sys; sys.path.insert(0, 'KDSegmentation');"
-            "import KDSegmentationLib.imageio, KDSegmentationLib.segio, KDSegmentationLib.geometry, "
-            "KDSegmentationLib.fundus, KDSegmentationLib.metrics;"
+            "import KDSegmentationLib.io.images, KDSegmentationLib.io.segmentations, KDSegmentationLib.io.geometry, "
+            "KDSegmentationLib.tasks.retina, KDSegmentationLib.evaluation.metrics;"
             "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
     from conftest import REPO
 

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from conftest import require
 from PIL import Image
 
-from KDSegmentationLib import lung
+from KDSegmentationLib.tasks import lung_nodule as lung
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import LUNG_NODULE
 
@@ -313,7 +313,7 @@ def test_paste_back_of_slab_consensus_is_exact(shared_data, pid):
 
 
 def test_patients_with_hu_slabs_are_always_test():
-    from KDSegmentationLib.lung import RESERVED_TEST_PATIENTS, split_patients
+    from KDSegmentationLib.tasks.lung_nodule import RESERVED_TEST_PATIENTS, split_patients
 
     ids = [f"LIDC-IDRI-{i:04d}" for i in range(1, 120)]
     for seed in range(5):

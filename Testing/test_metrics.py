@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from KDSegmentationLib import metrics
+from KDSegmentationLib.evaluation import metrics
 
 
 def test_dice_jaccard_precision_recall_of_boxes():

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import LIB_PARENT, REPO
-from KDSegmentationLib.cli import main
+from KDSegmentationLib.cli.main import main
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.modelfile import _digest, load_model, read_header, save_model
-from KDSegmentationLib.networks import build_network, default_arch_args
+from KDSegmentationLib.models.files import _digest, load_model, read_header, save_model
+from KDSegmentationLib.models.networks import build_network, default_arch_args
 
 SAMPLES = REPO / "Resources" / "Samples"
 
@@ -214,8 +214,8 @@ def test_non_finite_weights_are_refused(tiny, tmp_path):
 
 
 def test_the_panel_lists_an_unusable_model_with_its_error(tiny, tmp_path, monkeypatch):
-    from KDSegmentationLib import worker
-    from KDSegmentationLib.catalog import list_models
+    from KDSegmentationLib.client import worker
+    from KDSegmentationLib.models.catalog import list_models
 
     folder = tmp_path / "user-models"
     folder.mkdir()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.networks import (ARCHITECTURES, build_network, count_parameters, default_arch_args)
-from KDSegmentationLib.networks.student import ConvNormAct
+from KDSegmentationLib.models.networks import (ARCHITECTURES, build_network, count_parameters, default_arch_args)
+from KDSegmentationLib.models.student import ConvNormAct
 
 TASKS = ("liver", "lung_nodule", "retina")
 
@@ -99,7 +99,7 @@ def test_teacher_and_student_features_pair_for_every_task():
 
 @pytest.mark.parametrize("task", TASKS)
 def test_default_configs(task, tmp_path):
-    from KDSegmentationLib.modelfile import load_model, save_model
+    from KDSegmentationLib.models.files import load_model, save_model
     from KDSegmentationLib.tasks import get_task
 
     spec = get_task(task)
@@ -160,7 +160,7 @@ def test_folded_batchnorm_matches_conv_then_norm():
 def test_importing_networks_and_building_a_student_does_not_import_monai(repo_root):
     # student inference must start fast: importing MONAI costs seconds
     code = ("import sys; sys.path.insert(0, 'KDSegmentation');"
-            "from KDSegmentationLib.networks import build_network, default_arch_args;"
+            "from KDSegmentationLib.models.networks import build_network, default_arch_args;"
             "build_network(*default_arch_args('retina', 'student')[:1], **default_arch_args('retina', 'student')[1]);"
             "assert 'monai' not in sys.modules, 'monai imported'")
     subprocess.run([sys.executable, "-c", code], cwd=repo_root, check=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 
-from KDSegmentationLib.geometry import resample_like
-from KDSegmentationLib.preprocess import labels_on_input_grid, prepare_ct_volume
+from KDSegmentationLib.io.geometry import resample_like
+from KDSegmentationLib.tasks.preprocess import labels_on_input_grid, prepare_ct_volume
 from KDSegmentationLib.tasks import LIVER
 
 

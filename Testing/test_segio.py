@@ -10,7 +10,9 @@ import pytest
 import SimpleITK as sitk
 import slicerio
 
-from KDSegmentationLib import resources, segio, tasks
+from KDSegmentationLib import tasks
+from KDSegmentationLib import paths as resources
+from KDSegmentationLib.io import segmentations as segio
 from KDSegmentationLib.errors import InputError
 
 

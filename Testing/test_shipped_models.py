@@ -9,9 +9,9 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import REPO, require
-from KDSegmentationLib.cli import main
-from KDSegmentationLib.modelfile import read_header
-from KDSegmentationLib.segio import read_segmentation
+from KDSegmentationLib.cli.main import main
+from KDSegmentationLib.models.files import read_header
+from KDSegmentationLib.io.segmentations import read_segmentation
 
 MODELS = REPO / "Resources" / "Models"
 SAMPLES = REPO / "Resources" / "Samples"
@@ -59,7 +59,7 @@ def test_demo_segments_every_bundled_sample(tmp_path, capsys):
 def test_nodule_student_against_reader_consensus_on_a_hu_slab(tmp_path, shared_data, capsys):
     """LIDC-IDRI-0003 (a test patient) in HU, seed at the consensus centre: the full seed-point pipeline."""
     case = require(shared_data / "lung" / "LIDC-IDRI_c2c_slabs" / "LIDC-IDRI-0003")
-    from KDSegmentationLib.evaluation import _seed_from_reference
+    from KDSegmentationLib.evaluation.evaluate import _seed_from_reference
 
     ref = sitk.ReadImage(str(case / "nodule_consensus50.nii.gz"))
     seed = _seed_from_reference(ref)
@@ -74,7 +74,7 @@ def test_nodule_student_against_reader_consensus_on_a_hu_slab(tmp_path, shared_d
 
 def test_retina_student_on_a_drive_test_image(tmp_path, shared_data):
     img = require(shared_data / "retina" / "DRIVE" / "test" / "images" / "01_test.tif")
-    from KDSegmentationLib.datasets import _read_mask_2d
+    from KDSegmentationLib.training.datasets import _read_mask_2d
 
     ref = _read_mask_2d(str(shared_data / "retina" / "DRIVE" / "test" / "1st_manual" / "01_manual1.gif")) > 0
     fov = _read_mask_2d(str(shared_data / "retina" / "DRIVE" / "test" / "mask" / "01_test_mask.gif")) > 0

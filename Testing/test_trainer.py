@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from KDSegmentationLib import datasets as ds
+from KDSegmentationLib.training import datasets as ds
 from KDSegmentationLib.errors import CancelledError, InputError
-from KDSegmentationLib.modelfile import load_model, read_header
+from KDSegmentationLib.models.files import load_model, read_header
 from KDSegmentationLib.progress import Progress, parse_event
 from KDSegmentationLib.tasks import get_task
-from KDSegmentationLib.trainer import TrainConfig, dice_per_label, predict_labels, train
+from KDSegmentationLib.training.trainer import TrainConfig, dice_per_label, predict_labels, train
 
 from conftest import LIB_PARENT, require
 
@@ -63,7 +63,7 @@ class Events:
 
 def _make_small_drive_cache(drive: Path, out: Path, n: int = 8, factor: int = 4) -> Path:
     """A prepared retina cache of ``n`` DRIVE training photos at 1/``factor`` size (~146 x 141 px)."""
-    from KDSegmentationLib.fundus import fov_mask
+    from KDSegmentationLib.tasks.retina import fov_mask
 
     out.mkdir(parents=True)
     entries = []
@@ -117,7 +117,7 @@ def _val_dice(net, small_drive) -> float:
 
 
 def test_distillation_lowers_loss_and_raises_dice(small_drive, teacher, tmp_path):
-    from KDSegmentationLib import networks
+    from KDSegmentationLib.models import networks
 
     torch.manual_seed(0)
     arch, args = networks.default_arch_args("retina", "student")
@@ -244,7 +244,7 @@ def test_local_distillation_on_unlabelled_images(small_drive, teacher, tmp_path,
 
 
 def test_fine_tuning_keeps_the_calibrated_threshold(small_drive, teacher, tmp_path):
-    from KDSegmentationLib.calibration import store_threshold
+    from KDSegmentationLib.evaluation.calibrate import store_threshold
 
     calibrated = tmp_path / "calibrated.kdseg.pt"
     shutil.copy(teacher, calibrated)

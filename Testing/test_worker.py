@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from KDSegmentationLib import worker
-from KDSegmentationLib.worker import WorkerProcess
+from KDSegmentationLib.client import worker
+from KDSegmentationLib.client.worker import WorkerProcess
 
 POSIX = os.name != "nt"
 
@@ -221,9 +221,9 @@ def test_command_lines():
 
 def _cli_parser():
     try:
-        from KDSegmentationLib.cli import build_parser
+        from KDSegmentationLib.cli.main import build_parser
     except Exception as exc:  # the command line is written in parallel
-        pytest.skip(f"KDSegmentationLib.cli does not import yet: {exc}")
+        pytest.skip(f"KDSegmentationLib.cli.main does not import yet: {exc}")
     return build_parser()
 
 
@@ -234,15 +234,15 @@ def test_segment_command_matches_the_command_line_contract():
     args = parser.parse_args(cmd[3:])
     assert (args.task, args.input, args.output, args.device, args.progress) == (
         "lung_nodule", "/in dir/é.nrrd", "/out/x.seg.nrrd", "cuda", "json")
-    from KDSegmentationLib.cli import parse_seed
+    from KDSegmentationLib.cli.main import parse_seed
 
     assert parse_seed(args.seed_ras) == (-56.37, -86.32, -115.99)
 
 
 def test_models_list_through_the_real_command_line(tmp_path):
     _cli_parser()
-    if importlib.util.find_spec("KDSegmentationLib.catalog") is None:
-        pytest.skip("KDSegmentationLib.catalog (behind 'kdseg models list') is not written yet")
+    if importlib.util.find_spec("KDSegmentationLib.models.catalog") is None:
+        pytest.skip("KDSegmentationLib.models.catalog (behind 'kdseg models list') is not written yet")
     env = worker.worker_env(extra={"KDSEG_USER_MODELS": str(tmp_path / "user models")})
     w = WorkerProcess(worker.models_list_command(sys.executable), env=env).start()
     events = _drain(w, timeout=120)
@@ -369,7 +369,7 @@ def test_terminology_files_and_safe_names(tmp_path):
 
 
 def test_worker_module_stays_light():
-    code = ("import sys; import KDSegmentationLib.worker; "
+    code = ("import sys; import KDSegmentationLib.client.worker; "
             "heavy = [m for m in ('torch', 'monai', 'SimpleITK', 'numpy') if m in sys.modules]; "
             "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], env=worker.worker_env(), capture_output=True, text=True,

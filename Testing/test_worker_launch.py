@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from KDSegmentationLib import worker
-from KDSegmentationLib.worker import WorkerProcess
+from KDSegmentationLib.client import worker
+from KDSegmentationLib.client.worker import WorkerProcess
 
 
 def _hostile_folder(tmp_path: Path) -> Path:

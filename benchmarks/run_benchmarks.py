@@ -152,8 +152,8 @@ def _parallel_backend(torch) -> Optional[str]:
 
 def make_standin_models(folder: Path, tasks: List[str]) -> None:
     """Random-weight models with the default architectures (for trying the benchmark before training)."""
-    from KDSegmentationLib.modelfile import save_model
-    from KDSegmentationLib.networks import build_network, default_arch_args
+    from KDSegmentationLib.models.files import save_model
+    from KDSegmentationLib.models.networks import build_network, default_arch_args
 
     for task in tasks:
         for role in ROLES:
@@ -164,8 +164,8 @@ def make_standin_models(folder: Path, tasks: List[str]) -> None:
 
 
 def model_files(models_dir: Optional[Path], tasks: List[str]) -> Dict[str, Dict[str, Optional[dict]]]:
-    from KDSegmentationLib.modelfile import read_header
-    from KDSegmentationLib.resources import shipped_models_dir
+    from KDSegmentationLib.models.files import read_header
+    from KDSegmentationLib.paths import shipped_models_dir
 
     folder = models_dir if models_dir else shipped_models_dir()
     out: Dict[str, Dict[str, Optional[dict]]] = {}
@@ -291,14 +291,15 @@ def prepare_inputs(data: Path, tmp: Path, tasks: List[str], smoke: bool, liver_s
 _STARTUP_CODE = r"""
 import json, sys, time
 t0 = time.perf_counter()
-import KDSegmentationLib.cli as cli
+import KDSegmentationLib.cli.main as cli
 t1 = time.perf_counter()
 getattr(cli, "tune_malloc", lambda: None)()
 import torch
 t2 = time.perf_counter()
 import SimpleITK
 t3 = time.perf_counter()
-from KDSegmentationLib import infer, tasks
+from KDSegmentationLib import tasks
+from KDSegmentationLib.inference import segment as infer
 cli.set_threads(int(sys.argv[3]))
 loaded = infer.load_task_model(tasks.get_task(sys.argv[1]), sys.argv[2], torch.device("cpu"))
 t4 = time.perf_counter()
@@ -311,7 +312,7 @@ def bench_startup(models, tasks, repeats: int, threads: int) -> dict:
     """Fresh processes: bare interpreter, single imports, and worker start-up (imports + model load) per model."""
     py = sys.executable
     probes = {"python -c pass": [py, "-c", "pass"],
-              "import KDSegmentationLib.cli": [py, "-c", "import KDSegmentationLib.cli"],
+              "import KDSegmentationLib.cli.main": [py, "-c", "import KDSegmentationLib.cli.main"],
               "import torch": [py, "-c", "import torch"],
               "import SimpleITK": [py, "-c", "import SimpleITK"],
               "import monai.inferers": [py, "-c", "import monai.inferers"]}
@@ -464,7 +465,8 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
     """Load once, one warm-up run, then timed runs of cli.run_segment (what each `kdseg serve` request does)."""
     import torch
 
-    from KDSegmentationLib import cli, infer
+    from KDSegmentationLib.cli import main as cli
+    from KDSegmentationLib.inference import segment as infer
     from KDSegmentationLib.tasks import get_task
 
     dev = torch.device(device)
@@ -584,7 +586,7 @@ def bench_in_process(models, inputs, tasks, repeats: int, teacher_cap: Dict[str,
     """Warm-worker runs, then model-only latency, parameters and FLOPs, for every task and role."""
     import torch
 
-    from KDSegmentationLib.networks import count_parameters
+    from KDSegmentationLib.models.networks import count_parameters
 
     warm: Dict[str, dict] = {}
     mo: Dict[str, dict] = {}
@@ -628,7 +630,7 @@ def bench_in_process(models, inputs, tasks, repeats: int, teacher_cap: Dict[str,
             log(f"model-only {device}: {task} {role}: {_fmt_stats(entry.get('forward_s'), 'ms', 1000, 1)} "
                 f"on {list(shapes[0])}")
             del net
-        from KDSegmentationLib import infer
+        from KDSegmentationLib.inference import segment as infer
 
         infer._MODEL_CACHE.clear()
         if device == "cuda":
@@ -941,7 +943,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from KDSegmentationLib import cli
+    from KDSegmentationLib.cli import main as cli
 
     tuned = bool(getattr(cli, "tune_malloc", None))
     if tuned:

@@ -90,14 +90,14 @@ def methods_from(args) -> Dict[str, str]:
 
 
 def needs_teacher(spec: str) -> bool:
-    from KDSegmentationLib.losses import LOSSES, parse_loss_spec
+    from KDSegmentationLib.training.losses import LOSSES, parse_loss_spec
 
     return any(LOSSES[name].needs_teacher for name in parse_loss_spec(spec))
 
 
 def test_cases(args, task):
     """(case, arrays) of the held-out test cases."""
-    from KDSegmentationLib import datasets as ds
+    from KDSegmentationLib.training import datasets as ds
 
     if args.test_data:
         cache = ds.ensure_cache(args.test_data, task, Path(args.cache) / "test" if args.cache else None)
@@ -114,10 +114,10 @@ def evaluate(model_path: Path, cases, task, device) -> Dict[str, float]:
     """Mean Dice per label (and 'mean' over labels) over the test cases, with metrics.segmentation_metrics."""
     import torch
 
-    from KDSegmentationLib import datasets as ds
-    from KDSegmentationLib.metrics import segmentation_metrics
-    from KDSegmentationLib.modelfile import load_model
-    from KDSegmentationLib.trainer import predict_labels
+    from KDSegmentationLib.training import datasets as ds
+    from KDSegmentationLib.evaluation.metrics import segmentation_metrics
+    from KDSegmentationLib.models.files import load_model
+    from KDSegmentationLib.training.trainer import predict_labels
 
     net = load_model(model_path, device=str(device)).network
     labels = {lab.value: lab.name for lab in task.labels}
@@ -147,7 +147,7 @@ def run(args) -> Dict:
     import torch
 
     from KDSegmentationLib.tasks import get_task
-    from KDSegmentationLib.trainer import TrainConfig, pick_device, train
+    from KDSegmentationLib.training.trainer import TrainConfig, pick_device, train
 
     task = get_task(args.task)
     out = Path(args.out)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "KDSegmentation"))
 
-from KDSegmentationLib.evaluation import evaluate_dataset, write_json_atomic  # noqa: E402
+from KDSegmentationLib.evaluation.evaluate import evaluate_dataset, write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,9 @@ def totalsegmentator_example(path, data_root, threads):
     output (label 5), not a manual mask, so this row is a generalisation check, not an accuracy claim."""
     import SimpleITK as sitk
 
-    from KDSegmentationLib.imageio import read_image
-    from KDSegmentationLib.infer import load_task_model, pick_device, segment_image
-    from KDSegmentationLib.metrics import mean_metrics, segmentation_metrics
+    from KDSegmentationLib.io.images import read_image
+    from KDSegmentationLib.inference.segment import load_task_model, pick_device, segment_image
+    from KDSegmentationLib.evaluation.metrics import mean_metrics, segmentation_metrics
     from KDSegmentationLib.tasks import get_task
 
     folder = data_root / "liver" / "TotalSegmentator_example"
@@ -89,8 +89,8 @@ def totalsegmentator_example(path, data_root, threads):
 def cross_validation(task, role, data_root, runs, threads, folds=3):
     """Each fold's model (``RUNS/<task>_cv/fold<k>/<task>_<role>.kdseg.pt``, from ``train_all.sh liver_cv``) on the
     cases its card lists as held out; the mean is over all cases of all folds. None when a fold model is missing."""
-    from KDSegmentationLib.metrics import mean_metrics
-    from KDSegmentationLib.modelfile import read_header
+    from KDSegmentationLib.evaluation.metrics import mean_metrics
+    from KDSegmentationLib.models.files import read_header
 
     if runs is None:
         return None
@@ -117,7 +117,7 @@ def calibrated_evaluation(task, path, data_root, threads):
     """A comparison run (ablation arm, labels-only student) on the task's first held-out set, at its own
     validation-calibrated threshold like the shipped models: a KD student inherits its teacher's calibration, so
     comparing both at 0.5 would not be fair. The threshold is stored in the run's file."""
-    from KDSegmentationLib.calibration import calibrate, store_threshold
+    from KDSegmentationLib.evaluation.calibrate import calibrate, store_threshold
 
     store_threshold(str(path), calibrate(str(path), str(data_root / CALIBRATION_DATA[task]), threads=threads))
     _, rel, split, _ = EVALS[task][0]
@@ -286,7 +286,7 @@ def main(argv=None):
                    help="keep the held-out metrics already stored in a model file's card instead of recomputing")
     args = p.parse_args(argv)
 
-    from KDSegmentationLib.modelfile import load_model, read_header, save_model
+    from KDSegmentationLib.models.files import load_model, read_header, save_model
 
     entries = []
     for task in EVALS:

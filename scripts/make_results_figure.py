@@ -28,8 +28,8 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
-    from KDSegmentationLib.cli import run_segment
-    from KDSegmentationLib.samples import write_sample
+    from KDSegmentationLib.cli.main import run_segment
+    from KDSegmentationLib.io.samples import write_sample
     from KDSegmentationLib.tasks import get_task
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 5.4))

@@ -23,7 +23,7 @@ fi
 m() { python3 -c "print(round($1*$SCALE, 3))"; }
 kd() { local log=$1; shift; python3 -m KDSegmentationLib "$@" --device "$DEVICE" --progress json \
          > "$OUT/$log.log" 2>&1 || echo "FAILED: $log (see $log.log)" | tee -a "$OUT/failures.txt"; }
-student_args() { python3 -c "import json; from KDSegmentationLib.networks import default_arch_args as d; \
+student_args() { python3 -c "import json; from KDSegmentationLib.models.networks import default_arch_args as d; \
 print(json.dumps(d('$1', 'student')[1]))"; }
 KD="--losses kd=1 --alpha 0.5 --temperature 2"
 # CPU-sized teachers for the 2D tasks (about 2M parameters, still >= 20x their students)

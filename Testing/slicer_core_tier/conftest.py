@@ -63,7 +63,7 @@ def vtk_messages():
 
 
 def find_sample(task: str) -> dict:
-    from KDSegmentationLib import worker
+    from KDSegmentationLib.client import worker
 
     return next(s for s in worker.find_samples(SAMPLES_DIR) if s["task"] == task)
 
@@ -71,7 +71,7 @@ def find_sample(task: str) -> dict:
 def cli_labelmap(sample: dict, output: Path, model: str = "student"):
     """The labelmap ``kdseg segment`` writes for the sample, as a (z, y, x) array."""
     import SimpleITK as sitk
-    from KDSegmentationLib import worker
+    from KDSegmentationLib.client import worker
 
     command = worker.segment_command(sys.executable, sample["task"], sample["path"], output, model=model,
                                      device="cpu", seed_ras=sample.get("seed_ras"), threads=2)

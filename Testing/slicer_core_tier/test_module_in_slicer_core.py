@@ -236,7 +236,7 @@ def assert_terminology_resolves(slicer, segmentation_node, spec):
 def test_result_file_carries_the_reference_geometry_slicer_would_store(kdseg_module, slicer_core, scene, tmp_path):
     """A ``.seg.nrrd`` opened on its own (drag and drop) knows its input's grid, as Slicer's own writer stores it."""
     import SimpleITK as sitk
-    from KDSegmentationLib import segio
+    from KDSegmentationLib.io import segmentations as segio
     from KDSegmentationLib.tasks import LIVER
 
     image = sitk.Image(7, 6, 5, sitk.sitkUInt8)

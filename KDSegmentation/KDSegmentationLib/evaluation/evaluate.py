@@ -13,8 +13,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .errors import InputError
-from .tasks import TaskSpec, get_task
+from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.tasks import TaskSpec, get_task
 
 
 def write_json_atomic(obj, path: Path) -> None:
@@ -54,8 +54,8 @@ def evaluate_pair(task_name: str, pred_path: str, ref_path: str) -> Dict:
     """Metrics of a predicted segmentation against a reference (.seg.nrrd or labelmap) on the same grid."""
     import SimpleITK as sitk
 
-    from .metrics import segmentation_metrics
-    from .segio import read_segmentation
+    from KDSegmentationLib.evaluation.metrics import segmentation_metrics
+    from KDSegmentationLib.io.segmentations import read_segmentation
 
     task = get_task(task_name)
     for p in (pred_path, ref_path):
@@ -102,10 +102,10 @@ def evaluate_dataset(task_name: str, data_dir: str, model: str = "student", devi
                      split: str = "test", threads: Optional[int] = None, progress_mode: str = "none",
                      case_ids: Optional[List[str]] = None) -> Dict:
     """Run the model on every case of ``split`` (or the named cases) the way a user would; compare with references."""
-    from .datasets import find_cases
-    from .infer import load_task_model, pick_device
-    from .metrics import mean_metrics
-    from .progress import Progress
+    from KDSegmentationLib.training.datasets import find_cases
+    from KDSegmentationLib.inference.segment import load_task_model, pick_device
+    from KDSegmentationLib.evaluation.metrics import mean_metrics
+    from KDSegmentationLib.progress import Progress
 
     task = get_task(task_name)
     if not Path(data_dir).is_dir():
@@ -147,10 +147,10 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
     """Read the case's image, run exactly the ``kdseg segment`` pipeline, compare on the input grid."""
     import SimpleITK as sitk
 
-    from .datasets import _ct_label_image, _read_mask_2d, _read_sitk
-    from .imageio import check_image_for_task
-    from .infer import segment_image
-    from .metrics import segmentation_metrics
+    from KDSegmentationLib.training.datasets import _ct_label_image, _read_mask_2d, _read_sitk
+    from KDSegmentationLib.io.images import check_image_for_task
+    from KDSegmentationLib.inference.segment import segment_image
+    from KDSegmentationLib.evaluation.metrics import segmentation_metrics
 
     image = _read_sitk(case.image)
     check_image_for_task(image, task)
@@ -161,8 +161,8 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
         res = segment_image(image, task, loaded, dev)
         pred = sitk.GetArrayFromImage(res.labelmap).reshape(ref.shape)
         if fov is None:
-            from .fundus import fov_mask
-            from .imageio import photo_to_array
+            from KDSegmentationLib.tasks.retina import fov_mask
+            from KDSegmentationLib.io.images import photo_to_array
 
             fov = fov_mask(photo_to_array(image))
         prob = {1: res.probability.reshape(ref.shape)} if res.probability is not None else None
@@ -198,8 +198,8 @@ def lidc_nodule_probability(case, loaded, dev):
     component at the stack's centre (the seed a clinician would click) of a boolean mask."""
     import torch
 
-    from .infer import _forward
-    from .lung import load_nodule, network_stack, select_component
+    from KDSegmentationLib.inference.segment import _forward
+    from KDSegmentationLib.tasks.lung_nodule import load_nodule, network_stack, select_component
 
     images, _, consensus, _ = load_nodule(case.record)
     x = torch.from_numpy(network_stack(images.astype(np.float32) / 255.0))
@@ -210,7 +210,7 @@ def lidc_nodule_probability(case, loaded, dev):
 
 def _eval_lidc_nodule(case, task: TaskSpec, loaded, dev) -> Dict:
     """One LIDC-IDRI nodule: network + the seeded component selection at the model's decision threshold."""
-    from .metrics import segmentation_metrics
+    from KDSegmentationLib.evaluation.metrics import segmentation_metrics
 
     prob, consensus, select = lidc_nodule_probability(case, loaded, dev)
     pred = select(prob >= loaded.decision_threshold).astype(np.uint8)

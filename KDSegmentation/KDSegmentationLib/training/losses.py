@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from KDSegmentationLib.errors import InputError
 
 Features = Optional[Mapping[str, torch.Tensor]]
 

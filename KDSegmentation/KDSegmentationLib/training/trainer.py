@@ -38,11 +38,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import datasets as ds
-from .augment import warp_batch
-from .errors import CancelledError, InputError
-from .progress import Progress
-from .tasks import TaskSpec, get_task
+from KDSegmentationLib.training import datasets as ds
+from KDSegmentationLib.training.augment import warp_batch
+from KDSegmentationLib.errors import CancelledError, InputError
+from KDSegmentationLib.progress import Progress
+from KDSegmentationLib.tasks import TaskSpec, get_task
 
 MODEL_SUFFIX = ".kdseg.pt"
 CKPT_FORMAT = "kdseg-checkpoint/1"
@@ -289,7 +289,7 @@ def resolve_output(cfg: TrainConfig) -> Path:
         return out
     if cfg.role != "student":
         raise InputError("train-teacher needs --output FILE.kdseg.pt")
-    from .resources import user_models_dir
+    from KDSegmentationLib.paths import user_models_dir
 
     folder = user_models_dir()
     pattern = f"{cfg.task}_student_local_v"
@@ -501,8 +501,8 @@ def combined_loss(criterion, s_logits, t_logits, target, s_feats, t_feats, label
 
 def build_models(cfg: TrainConfig, task: TaskSpec, device: torch.device):
     """(student, arch, arch_args, teacher or None, teacher header or None, --init model's header or None)."""
-    from . import networks
-    from .modelfile import load_model
+    from KDSegmentationLib.models import networks
+    from KDSegmentationLib.models.files import load_model
 
     teacher = teacher_header = None
     if cfg.teacher:
@@ -695,9 +695,9 @@ def train(config: TrainConfig, progress: Optional[Progress] = None,
 
 def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device: torch.device, dist: _Dist,
          progress: Progress, stopper: Stopper) -> Path:
-    from . import losses as losses_mod
-    from . import networks
-    from .modelfile import save_model
+    from KDSegmentationLib.training import losses as losses_mod
+    from KDSegmentationLib.models import networks
+    from KDSegmentationLib.models.files import save_model
 
     student, arch, arch_args, teacher, teacher_header, init_header = build_models(cfg, task, device)
     spec = default_losses(cfg)
@@ -777,7 +777,7 @@ def _run(cfg: TrainConfig, task: TaskSpec, output: Path, ckpt_dir: Path, device:
     def checkpoint() -> None:
         if not dist.main:
             return
-        from .modelfile import atomic_save
+        from KDSegmentationLib.models.files import atomic_save
 
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_save({"format": CKPT_FORMAT, "fingerprint": fingerprint, "model": student_state(),
@@ -956,7 +956,7 @@ def _batch_to_device(batch: Dict[str, torch.Tensor], patch, pad_mode: str, devic
 def _card(cfg: TrainConfig, task: TaskSpec, data: TrainData, plan: _Plan, state, n_params: int, spec: str,
           teacher_header, device: torch.device, dist: _Dist, policy, step_times: List[float]) -> Dict:
     """The model card: data, split, recipe, command, seed, validation metrics, parameters, time, versions."""
-    from . import __version__
+    from KDSegmentationLib import __version__
 
     def jsonable(obj):
         return json.loads(json.dumps(obj, default=str))

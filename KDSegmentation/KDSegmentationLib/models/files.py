@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .errors import InputError
+from KDSegmentationLib.errors import InputError
 
 FORMAT = "kdseg-model/1"
 
@@ -138,7 +138,7 @@ def _load_raw(path: Path) -> Dict[str, Any]:
 
 def load_model(path, device: str = "cpu") -> LoadedModel:
     """Load, verify and build the network in eval mode on ``device`` (fp32 weights)."""
-    from .networks import build_network
+    from KDSegmentationLib.models.networks import build_network
 
     path = Path(path)
     raw = _load_raw(path)
@@ -264,8 +264,8 @@ def validate_header(header: Any, path) -> Dict[str, Any]:
     Raises :class:`InputError` naming the first problem. Runs before any network is built, so a crafted header
     cannot make the loader allocate more than ``MAX_PARAMETERS`` weights.
     """
-    from .networks import ARCHITECTURES, build_network, count_parameters
-    from .tasks import TASKS
+    from KDSegmentationLib.models.networks import ARCHITECTURES, build_network, count_parameters
+    from KDSegmentationLib.tasks import TASKS
 
     def bad(problem: str) -> InputError:
         return InputError(f"model file {path} has an invalid header: {problem}; reinstall or retrain it")

@@ -15,7 +15,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from KDSegmentationLib.errors import InputError
 
 SEG_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")

@@ -23,7 +23,7 @@ from typing import Dict, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .common import crop_to, feature_size, pad_to_multiple
+from KDSegmentationLib.models.blocks import crop_to, feature_size, pad_to_multiple
 
 
 class TeacherUNet(nn.Module):

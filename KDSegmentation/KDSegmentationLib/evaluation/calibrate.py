@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InputError
-from .tasks import get_task
+from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.tasks import get_task
 
 DEFAULT_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.30 .. 0.90
 
@@ -42,12 +42,12 @@ def dice_at_thresholds(prob: np.ndarray, ref: np.ndarray, thresholds: Sequence[f
 def _case_probability(case, task, loaded, dev) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray], object]:
     """(probability, reference, mask or None, select or None) of one validation case, as evaluation sees it."""
     if case.layout == "lidc_slices":
-        from .evaluation import lidc_nodule_probability
+        from KDSegmentationLib.evaluation.evaluate import lidc_nodule_probability
 
         prob, consensus, select = lidc_nodule_probability(case, loaded, dev)
         return prob, consensus, None, select
-    from .datasets import _read_mask_2d, _read_sitk
-    from .infer import segment_image
+    from KDSegmentationLib.training.datasets import _read_mask_2d, _read_sitk
+    from KDSegmentationLib.inference.segment import segment_image
 
     image = _read_sitk(case.image)
     ref = _read_mask_2d(case.label)
@@ -59,9 +59,9 @@ def _case_probability(case, task, loaded, dev) -> Tuple[np.ndarray, np.ndarray, 
 def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_GRID, device: str = "cpu",
               threads: Optional[int] = None) -> Dict:
     """Mean validation Dice per threshold and the best one, for the model file ``model`` on ``data_dir``."""
-    from .datasets import find_cases, is_cache
-    from .infer import pick_device
-    from .modelfile import load_model
+    from KDSegmentationLib.training.datasets import find_cases, is_cache
+    from KDSegmentationLib.inference.segment import pick_device
+    from KDSegmentationLib.models.files import load_model
 
     path = Path(model)
     if not path.is_file():
@@ -106,7 +106,7 @@ def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_G
 def store_threshold(model: str, result: Dict) -> Path:
     """Rewrite the model file with ``preprocessing.decision_threshold`` and the calibration table in its card
     (same weights; written atomically, so an interrupted run leaves the old file)."""
-    from .modelfile import load_model, save_model
+    from KDSegmentationLib.models.files import load_model, save_model
 
     path = Path(model)
     loaded = load_model(path)

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .tasks import TaskSpec
+from KDSegmentationLib.tasks import TaskSpec
 
 
 @dataclass
@@ -35,7 +35,7 @@ def prepare_ct_volume(image, task: TaskSpec) -> PreparedVolume:
     """Resample a CT (any direction, HU) to the task's model spacing; linear interpolation, air outside."""
     import SimpleITK as sitk
 
-    from .geometry import resample_to_spacing
+    from KDSegmentationLib.io.geometry import resample_to_spacing
 
     # resample the integer HU image as it is: a float32 copy of a full-size CT would cost 4 bytes a voxel for nothing
     grid = resample_to_spacing(image, task.spacing_mm, interpolator="linear", default_value=-1024.0)
@@ -48,7 +48,7 @@ def prepare_ct_label(label, prepared: PreparedVolume) -> np.ndarray:
     """Labelmap (on the input grid) -> uint8 (z, y, x) on the model grid (nearest neighbour)."""
     import SimpleITK as sitk
 
-    from .geometry import resample_like
+    from KDSegmentationLib.io.geometry import resample_like
 
     lab = resample_like(sitk.Cast(label, sitk.sitkUInt8), prepared.grid, interpolator="nearest")
     return sitk.GetArrayFromImage(lab).astype(np.uint8)
@@ -116,7 +116,7 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
 
 def prepare_fundus(rgb: np.ndarray, task: TaskSpec, fov: Optional[np.ndarray] = None) -> PreparedPhoto:
     """Photo (H, W, 3) uint8 -> rescaled to the task's field-of-view diameter."""
-    from .fundus import fov_mask, rescale_to_fov
+    from KDSegmentationLib.tasks.retina import fov_mask, rescale_to_fov
 
     if fov is None:
         fov = fov_mask(rgb)
@@ -135,13 +135,13 @@ def prepare_fundus_label(label: np.ndarray, prepared: PreparedPhoto) -> np.ndarr
 
 def fundus_input(rgb: np.ndarray, fov: np.ndarray) -> np.ndarray:
     """Network input (3, h, w) float32: camera-independent contrast normalisation inside the field of view."""
-    from .fundus import normalise_fundus
+    from KDSegmentationLib.tasks.retina import normalise_fundus
 
     return normalise_fundus(rgb, fov)
 
 
 def probabilities_to_photo(prob_hw: np.ndarray, prepared: PreparedPhoto) -> np.ndarray:
     """Foreground probability (h, w) on the rescaled photo -> (H, W) on the input photo."""
-    from .fundus import restore_from_fov
+    from KDSegmentationLib.tasks.retina import restore_from_fov
 
     return restore_from_fov(prob_hw, prepared.original_shape)

@@ -41,10 +41,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from .errors import CancelledError, InputError
-from .augment import (AugPolicy, camera_jitter, crop, ct_intensity, default_policy, normalise_region,
+from KDSegmentationLib.errors import CancelledError, InputError
+from KDSegmentationLib.training.augment import (AugPolicy, camera_jitter, crop, ct_intensity, default_policy, normalise_region,
                       random_affine, slice_intensity)
-from .tasks import TaskSpec
+from KDSegmentationLib.tasks import TaskSpec
 
 CACHE_FORMAT = "kdseg-cache/1"
 
@@ -202,7 +202,7 @@ def _detect_lidc(root: Path) -> Optional[List[Case]]:
         root = root / "LIDC-IDRI-slices"
     if not any(p.is_dir() and p.name.startswith("LIDC-IDRI-") and any(p.glob("nodule-*")) for p in root.iterdir()):
         return None
-    from . import lung
+    from KDSegmentationLib.tasks import lung_nodule as lung
 
     records = lung.iter_lidc_nodules(root)
     ids = [r.patient_id for r in records]
@@ -403,7 +403,7 @@ def _read_mask_2d(path: str) -> np.ndarray:
 
 
 def _read_sitk(path: str):
-    from . import imageio
+    from KDSegmentationLib.io import images as imageio
 
     try:
         return imageio.read_image(path)
@@ -436,7 +436,8 @@ def _ct_label_image(case: Case):
 
 
 def _prepare_retina(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
-    from . import imageio, preprocess
+    from KDSegmentationLib.io import images as imageio
+    from KDSegmentationLib.tasks import preprocess
 
     rgb = imageio.photo_to_array(_read_sitk(case.image))
     # the field of view is found from the photo exactly as at inference (a dataset's own FOV mask is kept apart,
@@ -452,7 +453,7 @@ def _prepare_retina(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
 
 
 def _prepare_ct_volume(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
-    from . import preprocess
+    from KDSegmentationLib.tasks import preprocess
 
     prep = preprocess.prepare_ct_volume(_read_sitk(case.image), task)
     out = {"image": np.asarray(prep.hu, np.int16), "spacing": np.asarray(prep.grid.GetSpacing(), np.float64)}
@@ -478,7 +479,7 @@ def _slices_uint8(path: str, task: TaskSpec) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.dtype != np.uint8:
-        from .lung import hu_to_crop_intensity
+        from KDSegmentationLib.tasks.lung_nodule import hu_to_crop_intensity
 
         arr = np.round(hu_to_crop_intensity(arr.astype(np.float32), task.hu_window) * 255).astype(np.uint8)
     return arr
@@ -486,7 +487,7 @@ def _slices_uint8(path: str, task: TaskSpec) -> np.ndarray:
 
 def _prepare_slices(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
     if case.record is not None:
-        from . import lung
+        from KDSegmentationLib.tasks import lung_nodule as lung
 
         images, _readers, consensus, soft = lung.load_nodule(case.record)
         return {"image": np.asarray(images, np.uint8), "label": np.asarray(consensus > 0, np.uint8),
@@ -550,7 +551,7 @@ def task_preprocessing(task: TaskSpec) -> Dict[str, Any]:
     if task.fov_diameter_px is not None:
         d["fov_diameter_px"] = task.fov_diameter_px
     try:
-        from . import preprocess
+        from KDSegmentationLib.tasks import preprocess
 
         d["preprocess_version"] = str(getattr(preprocess, "VERSION", getattr(preprocess, "__version__", "1")))
     except Exception:  # the module is optional for reading caches
@@ -736,14 +737,14 @@ def network_input(arrays: Dict[str, np.ndarray], task: TaskSpec) -> np.ndarray:
     """Whole-case network input without augmentation: CT (1, z, y, x); retina (3, h, w); nodule slices (n, 2, h, w)
     (intensity and the click map at the crop centre)."""
     if task.input_kind == "2d-rgb":
-        from . import preprocess
+        from KDSegmentationLib.tasks import preprocess
 
         return np.asarray(preprocess.fundus_input(arrays["image"], arrays["fov"]), np.float32)
     if task.spatial_dims == 3:
-        from . import preprocess
+        from KDSegmentationLib.tasks import preprocess
 
         return np.asarray(preprocess.ct_window(arrays["image"], task), np.float32)[None]
-    from .lung import network_stack
+    from KDSegmentationLib.tasks.lung_nodule import network_stack
 
     return network_stack(arrays["image"].astype(np.float32) / 255.0)
 
@@ -778,7 +779,7 @@ class PatchDataset:
         self._diameter: List[float] = []
         self._normalised: List[np.ndarray] = []
         if task.input_kind == "2d-rgb":
-            from .fundus import fov_diameter
+            from KDSegmentationLib.tasks.retina import fov_diameter
 
             for c in self.cases:
                 self._diameter.append(fov_diameter(c["fov"]) if c["fov"].any() else float(max(c["fov"].shape)))
@@ -841,7 +842,7 @@ class PatchDataset:
             img = slice_intensity(crop(c["image"][k], centre, self.region), rng, self.augment)[None]
             # the click channel: the crop is centred where the user would click (the nodule), and the spatial
             # augmentation below moves it together with the image
-            from .lung import click_map
+            from KDSegmentationLib.tasks.lung_nodule import click_map
 
             img = np.concatenate([img, click_map(self.region, (self.region[0] // 2, self.region[1] // 2))[None]])
             lab = crop(c["label"][k], centre, self.region) if labelled else None

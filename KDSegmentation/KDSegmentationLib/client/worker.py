@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from .progress import parse_event
+from KDSegmentationLib.progress import parse_event
 
 LIB_NAME = "KDSegmentationLib"
 LIB_PARENT = Path(__file__).resolve().parent.parent  # the folder that has to be on PYTHONPATH

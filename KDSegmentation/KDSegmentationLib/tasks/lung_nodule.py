@@ -24,8 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import InputError
-from .tasks import LUNG_NODULE, TaskSpec
+from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.tasks import LUNG_NODULE, TaskSpec
 
 CROP_SIZE = 128          # in-plane size (pixels) of the LIDC-IDRI crops and of the model input
 PAD_HU = -1024.0         # value (HU) outside the image: air, the value CT scanners store outside the body

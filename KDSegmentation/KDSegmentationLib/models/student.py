@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .common import crop_to, feature_size, pad_to_multiple, upsample
+from KDSegmentationLib.models.blocks import crop_to, feature_size, pad_to_multiple, upsample
 
 
 def _conv_type(spatial_dims: int):

@@ -6,8 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Dict, List
 
-from .errors import InputError
-from .resources import samples_dir
+from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.paths import samples_dir
 
 
 def list_samples() -> List[str]:

@@ -21,7 +21,7 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
-from .tasks import TaskSpec
+from KDSegmentationLib.tasks import TaskSpec
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,7 @@ def normalise_region(rgb: np.ndarray, fov: np.ndarray, diameter: float) -> np.nd
     photo's full diameter below it. The strip is thinner than the rim that the statistics skip, so it only sets the
     diameter; inside a 256 px patch this matches whole-photo normalisation to ~1 % (a plain crop is off by ~20 %).
     """
-    from . import preprocess
+    from KDSegmentationLib.tasks import preprocess
 
     h, w = fov.shape
     strip, gap = 5, 16
@@ -247,7 +247,7 @@ def ct_intensity(hu: np.ndarray, task: TaskSpec, rng: np.random.Generator, augme
     scanner/protocol variation: another contrast phase (soft tissue shifted by :data:`PHASE_SHIFT_HU`), HU scale
     +-10 % and offset +-30 HU (calibration) before windowing; gamma, contrast, blur, noise after it; and thicker
     slices (with the contrast phase, the largest shifts between hospitals' CT)."""
-    from . import preprocess
+    from KDSegmentationLib.tasks import preprocess
 
     x = hu.astype(np.float32)
     if augment:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import CancelledError, InputError
+from KDSegmentationLib.errors import CancelledError, InputError
 
 OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -140,8 +140,8 @@ def set_threads(threads: Optional[int]) -> None:
 def run_segment(task_name: str, input_path: str, output_path: str, model: str = "student", device: str = "auto",
                 seed_ras=None, threads: Optional[int] = None, progress=None) -> dict:
     """Segment one image and write the result; returns the summary (the ``result`` event's payload)."""
-    from .progress import Progress
-    from .tasks import get_task
+    from KDSegmentationLib.progress import Progress
+    from KDSegmentationLib.tasks import get_task
 
     progress = progress or Progress("none")
     t_start = time.perf_counter()
@@ -157,11 +157,11 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
         raise InputError(f"input {input_path} does not exist; give an image file or a DICOM folder")
     check_not_input(input_path, out)
 
-    from .infer import load_task_model, pick_device, resolve_model, segment_image
+    from KDSegmentationLib.inference.segment import load_task_model, pick_device, resolve_model, segment_image
 
     resolve_model(task, model)  # a missing model is said before any slow work
-    from .imageio import check_image_for_task, read_image
-    from .segio import write_segmentation
+    from KDSegmentationLib.io.images import check_image_for_task, read_image
+    from KDSegmentationLib.io.segmentations import write_segmentation
 
     timings = {}
     t0 = time.perf_counter()
@@ -213,7 +213,7 @@ def format_summary(summary: dict) -> str:
 
 
 def cmd_segment(args) -> int:
-    from .progress import Progress
+    from KDSegmentationLib.progress import Progress
 
     progress = Progress(args.progress)
     summary = run_segment(args.task, args.input, args.output, model=args.model, device=args.device,
@@ -230,7 +230,7 @@ def cmd_segment(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_sample(args) -> int:
-    from .samples import write_sample
+    from KDSegmentationLib.io.samples import write_sample
 
     info = write_sample(args.task, Path(args.output))
     print(json.dumps(info, indent=2))
@@ -239,7 +239,7 @@ def cmd_sample(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job on the bundled samples: segment each with its student and print a summary."""
-    from .samples import list_samples, write_sample
+    from KDSegmentationLib.io.samples import list_samples, write_sample
 
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +259,7 @@ def cmd_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_models(args) -> int:
-    from .catalog import find_model, list_models
+    from KDSegmentationLib.models.catalog import find_model, list_models
 
     if args.action == "show":
         if not args.name:
@@ -288,7 +288,7 @@ def cmd_models(args) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_dataset, evaluate_pair
+    from KDSegmentationLib.evaluation.evaluate import evaluate_dataset, evaluate_pair
 
     if args.output:
         out = Path(args.output)
@@ -305,7 +305,7 @@ def cmd_evaluate(args) -> int:
         raise InputError("kdseg evaluate needs either --pred and --ref, or --data DIR")
     text = json.dumps(result, indent=2)
     if args.output:
-        from .evaluation import write_json_atomic
+        from KDSegmentationLib.evaluation.evaluate import write_json_atomic
 
         write_json_atomic(result, Path(args.output))
     print(text)
@@ -313,7 +313,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibration import DEFAULT_GRID, calibrate, store_threshold
+    from KDSegmentationLib.evaluation.calibrate import DEFAULT_GRID, calibrate, store_threshold
 
     grid = DEFAULT_GRID
     if args.thresholds:
@@ -477,7 +477,7 @@ def _request_fields(req: dict) -> dict:
 
 class _TaggedProgress:
     def __init__(self, request_id, stream):
-        from .progress import Progress
+        from KDSegmentationLib.progress import Progress
 
         self._p = Progress("json", stream=_TagStream(request_id, stream))
 
@@ -508,7 +508,7 @@ class _TagStream:
 # ---------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .tasks import TASKS
+    from KDSegmentationLib.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="kdseg", description="Fast distilled segmentation of liver, lung nodule and "
                                 "retinal vessels; teacher training and local distillation.")
@@ -574,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     try:
-        from .train_cli import add_subcommands
+        from KDSegmentationLib.cli.train import add_subcommands
     except ImportError:
         add_subcommands = None
     if add_subcommands is not None:

@@ -141,7 +141,7 @@ RETINA = _register(TaskSpec(
 
 
 def get_task(name: str) -> TaskSpec:
-    from .errors import InputError
+    from KDSegmentationLib.errors import InputError
 
     try:
         return TASKS[name]

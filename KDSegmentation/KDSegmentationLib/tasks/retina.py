@@ -11,7 +11,7 @@ from typing import Tuple
 import numpy as np
 from scipy import ndimage as ndi
 
-from .postprocess import largest_component
+from KDSegmentationLib.tasks.postprocess import largest_component
 
 # FOV threshold between the dark surround and the retina, as a fraction of the way from one level to the other.
 FOV_LEVEL_FRACTION = 0.25

@@ -24,8 +24,8 @@ from typing import Any, Callable, Dict, Tuple
 
 import torch
 
-from .student import MobileStudent
-from .teacher import TeacherUNet
+from KDSegmentationLib.models.student import MobileStudent
+from KDSegmentationLib.models.teacher import TeacherUNet
 
 ARCHITECTURES: Dict[str, Callable[..., torch.nn.Module]] = {
     "teacher_unet": TeacherUNet,
@@ -67,7 +67,7 @@ def build_network(arch: str, **arch_args: Any) -> torch.nn.Module:
     try:
         factory = ARCHITECTURES[arch]
     except KeyError:
-        from ..errors import InputError
+        from KDSegmentationLib.errors import InputError
 
         raise InputError(f"unknown network architecture {arch!r}; known: {', '.join(sorted(ARCHITECTURES))}. "
                          "The model file may come from a newer KDSegmentation: update the extension") from None
@@ -82,7 +82,7 @@ def count_parameters(net: torch.nn.Module) -> int:
 def default_arch_args(task_name: str, role: str) -> Tuple[str, Dict[str, Any]]:
     """The shipped (arch, arch_args) for ``role`` ('teacher' or 'student') of a task, complete with spatial_dims,
     in_channels and out_channels from the task registry. Returns fresh copies (safe to modify)."""
-    from ..tasks import get_task
+    from KDSegmentationLib.tasks import get_task
 
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")

@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, List
 
-from .errors import InputError
-from .modelfile import read_header
-from .resources import shipped_models_dir, user_models_dir
+from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.models.files import read_header
+from KDSegmentationLib.paths import shipped_models_dir, user_models_dir
 
 
 def _entries(folder: Path, source: str) -> List[Dict]:

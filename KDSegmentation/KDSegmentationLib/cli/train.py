@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .errors import CancelledError, InputError
+from KDSegmentationLib.errors import CancelledError, InputError
 
 
 def _patch(text: Optional[str]):
@@ -93,7 +93,7 @@ def _add_common(p, task_names) -> None:
 
 def add_subcommands(subparsers) -> None:
     """Add ``train-teacher``, ``distill`` and ``prepare`` to the ``kdseg`` parser."""
-    from .tasks import TASKS
+    from KDSegmentationLib.tasks import TASKS
 
     names = list(TASKS)
     p = subparsers.add_parser("train-teacher", help="train a teacher network on labelled data")
@@ -129,7 +129,7 @@ def add_subcommands(subparsers) -> None:
 
 def config_from_args(args):
     """argparse namespace -> trainer.TrainConfig."""
-    from .trainer import TrainConfig
+    from KDSegmentationLib.training.trainer import TrainConfig
 
     if args.role == "student" and not args.teacher and not args.losses:
         raise InputError("kdseg distill needs --teacher FILE (or --losses seg=1 to train the student without one)")
@@ -160,8 +160,8 @@ def _run_training(args) -> int:
     # a dozen workers each spinning OpenBLAS's default thread pool oversubscribe the CPUs (measured: twice the CPU
     # time for the same work). Effective only before numpy is first imported, which is the case here.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .progress import Progress
-    from .trainer import train
+    from KDSegmentationLib.progress import Progress
+    from KDSegmentationLib.training.trainer import train
 
     cfg = config_from_args(args)
     progress = Progress(args.progress)
@@ -189,9 +189,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from . import datasets as ds
-    from .progress import Progress
-    from .tasks import get_task
+    from KDSegmentationLib.training import datasets as ds
+    from KDSegmentationLib.progress import Progress
+    from KDSegmentationLib.tasks import get_task
 
     task = get_task(args.task)
     out = Path(args.output)

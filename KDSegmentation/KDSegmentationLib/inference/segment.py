@@ -13,8 +13,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
-from .tasks import TaskSpec
+from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.inference.device import pick_device  # noqa: F401 (re-exported for callers)
+from KDSegmentationLib.tasks import TaskSpec
 
 ProgressFn = Callable[[str, float], None]
 
@@ -29,7 +30,7 @@ def _noop(stage: str, fraction: float) -> None:
 
 def resolve_model(task: TaskSpec, model: str = "student") -> Path:
     """``student``/``teacher`` -> the shipped file; a path -> itself; a bare name -> the user's model folder."""
-    from .resources import shipped_models_dir, user_models_dir
+    from KDSegmentationLib.paths import shipped_models_dir, user_models_dir
 
     if model in ("student", "teacher"):
         try:
@@ -59,7 +60,7 @@ def _is_bare_name(model: str) -> bool:
 
 
 def _named_model_candidates(model: str) -> List[Path]:
-    from .resources import shipped_models_dir, user_models_dir
+    from KDSegmentationLib.paths import shipped_models_dir, user_models_dir
 
     folders = [user_models_dir()]
     try:
@@ -69,24 +70,12 @@ def _named_model_candidates(model: str) -> List[Path]:
     return [folder / name for folder in folders for name in (model, f"{model}.kdseg.pt")]
 
 
-def pick_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise InputError(f"unknown device '{name}'; use auto, cpu or cuda")
-    return torch.device(name)
-
-
 _MODEL_CACHE: Dict[tuple, object] = {}
 
 
 def load_task_model(task: TaskSpec, model: str, device) -> "object":
     """Load (and cache, for the persistent worker) a model, checking that it was trained for ``task``."""
-    from .modelfile import load_model
+    from KDSegmentationLib.models.files import load_model
 
     path = resolve_model(task, model)
     key = (str(path.resolve()), os.path.getmtime(path), str(device))
@@ -169,8 +158,8 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
     import SimpleITK as sitk
     import torch
 
-    from .postprocess import liver_postprocess
-    from .preprocess import ct_window, labels_on_input_grid, prepare_ct_volume
+    from KDSegmentationLib.tasks.postprocess import liver_postprocess
+    from KDSegmentationLib.tasks.preprocess import ct_window, labels_on_input_grid, prepare_ct_volume
 
     t = {}
     t0 = time.perf_counter()
@@ -196,7 +185,7 @@ def _segment_liver(image, task, loaded, device, progress) -> SegmentationResult:
 def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> SegmentationResult:
     import torch
 
-    from .lung import extract_seed_region, longest_axial_diameter_mm, max_3d_diameter_mm, network_stack, paste_back
+    from KDSegmentationLib.tasks.lung_nodule import extract_seed_region, longest_axial_diameter_mm, max_3d_diameter_mm, network_stack, paste_back
 
     t = {}
     t0 = time.perf_counter()
@@ -227,9 +216,9 @@ def _segment_nodule(image, task, loaded, device, seed_ras, progress) -> Segmenta
 def _segment_retina(image, task, loaded, device, progress) -> SegmentationResult:
     import torch
 
-    from .fundus import fov_mask
-    from .imageio import photo_to_array
-    from .preprocess import fundus_input, prepare_fundus, probabilities_to_photo
+    from KDSegmentationLib.tasks.retina import fov_mask
+    from KDSegmentationLib.io.images import photo_to_array
+    from KDSegmentationLib.tasks.preprocess import fundus_input, prepare_fundus, probabilities_to_photo
 
     t = {}
     t0 = time.perf_counter()

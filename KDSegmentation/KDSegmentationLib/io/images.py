@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from KDSegmentationLib.errors import InputError
 
 Warn = Optional[Callable[[str], None]]
 
