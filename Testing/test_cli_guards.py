@@ -19,7 +19,7 @@ import torch
 
 from conftest import LIB_PARENT, REPO
 from KDSegmentationLib.cli.main import available_cpus, main
-from KDSegmentationLib.inference.segment import resolve_model
+from KDSegmentationLib.models.catalog import resolve_model
 from KDSegmentationLib.models.files import save_model
 from KDSegmentationLib.models.networks import build_network, default_arch_args
 from KDSegmentationLib.tasks import get_task

@@ -5,7 +5,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from KDSegmentationLib.io.geometry import resample_like
-from KDSegmentationLib.tasks.preprocess import labels_on_input_grid, prepare_ct_volume
+from KDSegmentationLib.tasks.ct import labels_on_input_grid, prepare_ct_volume
 from KDSegmentationLib.tasks import LIVER
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "KDSegmentation"))
 
-from KDSegmentationLib.evaluation.evaluate import evaluate_dataset, write_json_atomic  # noqa: E402
+from KDSegmentationLib.evaluation.evaluate import evaluate_dataset  # noqa: E402
+from KDSegmentationLib.io.atomic import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,8 @@ def totalsegmentator_example(path, data_root, threads):
     import SimpleITK as sitk
 
     from KDSegmentationLib.io.images import read_image
-    from KDSegmentationLib.inference.segment import load_task_model, pick_device, segment_image
+    from KDSegmentationLib.inference.device import pick_device
+    from KDSegmentationLib.inference.segment import load_task_model, segment_image
     from KDSegmentationLib.evaluation.metrics import mean_metrics, segmentation_metrics
     from KDSegmentationLib.tasks import get_task
 
@@ -358,7 +360,7 @@ def main(argv=None):
                "ablation": ablations, "ablation_minutes_per_run": budgets,
                "labels_only_full_budget": {k: {"title": v["title"], "mean": v["mean"]} for k, v in full_budget.items()},
                "local_distillation": {k: v["mean"] for k, v in local.items()}}
-    write_json_atomic(summary, args.models / "evaluation.json")
+    write_json(args.models / "evaluation.json", summary)
     (args.models / "MODEL_CARDS.md").write_text(card_markdown(entries, ablations, local, budgets, full_budget))
     print(f"wrote {args.models / 'MODEL_CARDS.md'}")
     return 0

@@ -8,6 +8,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The one file-name suffix of model files (shipped, trained, distilled).
+MODEL_SUFFIX = ".kdseg.pt"
+
 _LIB_DIR = Path(__file__).resolve().parent
 
 

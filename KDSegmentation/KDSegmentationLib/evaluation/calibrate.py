@@ -60,7 +60,7 @@ def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_G
               threads: Optional[int] = None) -> Dict:
     """Mean validation Dice per threshold and the best one, for the model file ``model`` on ``data_dir``."""
     from KDSegmentationLib.training.datasets import find_cases, is_cache
-    from KDSegmentationLib.inference.segment import pick_device
+    from KDSegmentationLib.inference.device import pick_device
     from KDSegmentationLib.models.files import load_model
 
     path = Path(model)

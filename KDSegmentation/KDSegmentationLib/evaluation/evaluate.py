@@ -4,9 +4,6 @@ Every number in the model cards comes from :func:`evaluate_dataset` (run by ``sc
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -17,28 +14,8 @@ from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import TaskSpec, get_task
 
 
-def write_json_atomic(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:  # no half-written file left behind
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _labels(task: TaskSpec) -> Dict[int, str]:
     return {lab.value: lab.name for lab in task.labels}
-
-
-def _same_grid(a, b) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-4)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-3)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-5))
 
 
 def _values_by_task(names_to_values: Dict[str, int], task: TaskSpec) -> Dict[int, int]:
@@ -55,6 +32,7 @@ def evaluate_pair(task_name: str, pred_path: str, ref_path: str) -> Dict:
     import SimpleITK as sitk
 
     from KDSegmentationLib.evaluation.metrics import segmentation_metrics
+    from KDSegmentationLib.io.geometry import same_grid
     from KDSegmentationLib.io.segmentations import read_segmentation
 
     task = get_task(task_name)
@@ -63,7 +41,7 @@ def evaluate_pair(task_name: str, pred_path: str, ref_path: str) -> Dict:
             raise InputError(f"{p} does not exist; give a .seg.nrrd or labelmap file")
     pred, pred_names = read_segmentation(pred_path)
     ref, ref_names = read_segmentation(ref_path)
-    if not _same_grid(pred, ref):
+    if not same_grid(pred, ref, tol=1e-3):
         raise InputError("prediction and reference are on different grids (size/spacing/origin/direction); "
                          "resample one onto the other first")
     pa = _remap(sitk.GetArrayFromImage(pred), _values_by_task(pred_names, task))
@@ -103,7 +81,8 @@ def evaluate_dataset(task_name: str, data_dir: str, model: str = "student", devi
                      case_ids: Optional[List[str]] = None) -> Dict:
     """Run the model on every case of ``split`` (or the named cases) the way a user would; compare with references."""
     from KDSegmentationLib.training.datasets import find_cases
-    from KDSegmentationLib.inference.segment import load_task_model, pick_device
+    from KDSegmentationLib.inference.device import pick_device
+    from KDSegmentationLib.inference.segment import load_task_model
     from KDSegmentationLib.evaluation.metrics import mean_metrics
     from KDSegmentationLib.progress import Progress
 
@@ -192,18 +171,18 @@ def _seed_from_reference(ref_img):
 
 
 def lidc_nodule_probability(case, loaded, dev):
-    """One LIDC-IDRI nodule stack (8-bit crops, spacing unknown) through the network.
+    """One LIDC-IDRI nodule stack (8-bit crops, spacing unknown) through the network, as ``kdseg segment`` runs it.
 
     Returns (prob float32 (n, 128, 128), consensus uint8 (n, 128, 128), select): ``select`` keeps the connected
     component at the stack's centre (the seed a clinician would click) of a boolean mask."""
-    import torch
-
-    from KDSegmentationLib.inference.segment import _forward
-    from KDSegmentationLib.tasks.lung_nodule import load_nodule, network_stack, select_component
+    from KDSegmentationLib.inference.inferer import Inferer
+    from KDSegmentationLib.tasks.components import select_component
+    from KDSegmentationLib.tasks import LUNG_NODULE
+    from KDSegmentationLib.tasks.lung_nodule import LungNodulePipeline, load_nodule
 
     images, _, consensus, _ = load_nodule(case.record)
-    x = torch.from_numpy(network_stack(images.astype(np.float32) / 255.0))
-    prob = _forward(loaded.network, x, dev)[:, 1].cpu().numpy()
+    prepared = LungNodulePipeline(LUNG_NODULE).prepare_crops(images)
+    prob = Inferer(loaded.network, dev).numpy_probabilities(prepared.tensor)[:, 1]
     seed = tuple(s // 2 for s in images.shape)
     return prob, consensus, lambda fg: select_component(fg, seed, (1.0, 1.0, 1.0), 10.0)
 

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from KDSegmentationLib.paths import MODEL_SUFFIX
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -21,7 +23,7 @@ def _umask() -> int:
 
 def temporary_name(path: Path) -> Path:
     """Hidden sibling of ``path`` keeping its full suffix (``.seg.nrrd``, ``.nii.gz``), which picks the writers."""
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".seg.nrrd", ".nii.gz", ".kdseg.pt")) else path.suffix
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith((".seg.nrrd", ".nii.gz", MODEL_SUFFIX)) else path.suffix
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     return path.with_name(f".{stem[:40]}.{uuid.uuid4().hex[:12]}.tmp{suffix}")
 
@@ -45,6 +47,8 @@ def atomic_path(path) -> Iterator[Path]:
 
 
 def write_bytes(path, data: bytes) -> None:
+    """Write ``data`` atomically, creating the parent folder when needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 

@@ -15,8 +15,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -24,6 +22,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.io.atomic import atomic_path
 
 FORMAT = "kdseg-model/1"
 
@@ -40,25 +39,11 @@ def _digest(header: str, state: Dict[str, torch.Tensor]) -> str:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: readers never see a half-written file."""
+    """torch.save through :func:`io.atomic.atomic_path`: readers never see a half-written model or checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=str(path.parent))
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a model file is an ordinary shareable file
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_model(path, network: torch.nn.Module, *, arch: str, arch_args: Dict[str, Any], task: str, role: str,

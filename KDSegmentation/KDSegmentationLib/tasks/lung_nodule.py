@@ -26,6 +26,9 @@ import numpy as np
 
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import LUNG_NODULE, TaskSpec
+from KDSegmentationLib.tasks.base import InputGridOutput, NetworkInput, TaskPipeline
+from KDSegmentationLib.tasks.components import select_component
+from KDSegmentationLib.tasks.ct import segment_volumes
 
 CROP_SIZE = 128          # in-plane size (pixels) of the LIDC-IDRI crops and of the model input
 PAD_HU = -1024.0         # value (HU) outside the image: air, the value CT scanners store outside the body
@@ -321,30 +324,6 @@ def extract_seed_region(ct, seed_ras_mm, task: TaskSpec = LUNG_NODULE) -> SeedRe
 # Back to the CT grid
 # ----------------------------------------------------------------------------------------------------------------
 
-def select_component(mask: np.ndarray, seed: Sequence[int], spacing_mm: Sequence[float],
-                     max_distance_mm: float = 10.0) -> np.ndarray:
-    """Keep the 3D connected component (26-neighbourhood) of ``mask`` that contains ``seed``.
-
-    mask: 0/1 array (3D); seed: its array index; spacing_mm: voxel size per array axis (an orthonormal direction
-    matrix keeps distances, so index offsets times spacing are physical distances). When no component contains the
-    seed, keeps the one with the voxel nearest to the seed if that voxel is within ``max_distance_mm``; else empty.
-    """
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return np.zeros(mask.shape, np.uint8)
-    keep = labels[tuple(seed)]
-    if keep == 0:
-        idx = np.argwhere(labels > 0)
-        dist = np.sqrt((((idx - np.asarray(seed)) * np.asarray(spacing_mm, float)) ** 2).sum(axis=1))
-        best = int(np.argmin(dist))
-        if dist[best] > max_distance_mm:
-            return np.zeros(mask.shape, np.uint8)
-        keep = labels[tuple(idx[best])]
-    return (labels == keep).astype(np.uint8)
-
-
 def paste_back(prob_stack: np.ndarray, region: SeedRegion, reference, threshold: float = 0.5,
                max_distance_mm: float = 10.0):
     """Nodule probabilities on the stack -> SimpleITK UInt8 labelmap (0/1) on exactly ``reference``'s grid.
@@ -446,3 +425,38 @@ def network_stack(stack: np.ndarray, centre: Optional[Sequence[float]] = None) -
         centre = (h // 2, w // 2)
     click = np.broadcast_to(click_map((h, w), centre), (n, h, w))
     return np.stack([np.asarray(stack, np.float32), click], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------------------
+
+class LungNodulePipeline(TaskPipeline):
+    """A nodule from one click: axial windows around the seed through the 2D network, the seeded component pasted
+    back onto the CT grid, measured as RECIST does (longest axial diameter) and in 3D."""
+
+    def prepare(self, image, seed_ras=None) -> NetworkInput:
+        if seed_ras is None:
+            raise InputError("the lung_nodule task needs a seed point: pass --seed-ras X,Y,Z (RAS mm, as shown in "
+                             "Slicer) inside the nodule")
+        region = extract_seed_region(image, seed_ras, self.spec)
+        return NetworkInput(tensor=network_stack(region.stack), context=region)
+
+    def to_input_grid(self, probabilities, prepared: NetworkInput, image, threshold: float = 0.5) -> InputGridOutput:
+        import SimpleITK as sitk
+
+        labelmap = paste_back(probabilities[:, 1], prepared.context, image, threshold=threshold)
+        labels = sitk.GetArrayFromImage(labelmap)
+        warnings = [] if labels.any() else ["no nodule found at the seed point; click closer to the nodule's centre"]
+        return InputGridOutput(labels=labels, labelmap=labelmap, warnings=warnings)
+
+    def measure(self, output: InputGridOutput, prepared: NetworkInput, image) -> Dict[str, dict]:
+        stats = segment_volumes(output.labels, self.spec, image.GetSpacing())
+        name = self.spec.labels[0].name
+        stats[name]["longest_axial_diameter_mm"] = round(longest_axial_diameter_mm(output.labelmap), 1)
+        stats[name]["max_3d_diameter_mm"] = round(max_3d_diameter_mm(output.labelmap), 1)
+        return stats
+
+    def prepare_crops(self, crops_uint8: np.ndarray) -> NetworkInput:
+        """LIDC-IDRI crops (n, 128, 128) uint8, the nodule at their centre (no CT grid) -> network input."""
+        return NetworkInput(tensor=network_stack(crops_uint8.astype(np.float32) / 255.0), context=None)

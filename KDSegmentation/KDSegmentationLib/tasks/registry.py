@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
+from KDSegmentationLib.paths import MODEL_SUFFIX
+
 
 @dataclass(frozen=True)
 class Terminology:
@@ -70,7 +72,7 @@ class TaskSpec:
         """File name of the shipped ``student``/``teacher`` model under ``Resources/Models``."""
         if role not in ("student", "teacher"):
             raise ValueError(role)
-        return f"{self.name}_{role}.kdseg.pt"
+        return f"{self.name}_{role}{MODEL_SUFFIX}"
 
 
 _ANATOMY = ("SCT", "123037004", "Anatomical Structure")

@@ -1,4 +1,4 @@
-"""Colour fundus photograph preprocessing: field of view (FOV), scale and camera-independent contrast.
+"""Retinal vessels in colour fundus photographs: field of view (FOV), scale, camera-independent contrast, the pipeline.
 
 Arrays are (H, W, 3) uint8 RGB photos, (H, W) bool masks and (3, H, W) float32 network inputs; sizes are pixels.
 Every scale-dependent parameter is a fraction of the FOV diameter, so a photo gives the same normalised image at any
@@ -6,12 +6,15 @@ resolution and from any camera once it is rescaled to the model's FOV diameter.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from KDSegmentationLib.tasks.postprocess import largest_component
+from KDSegmentationLib.tasks import TaskSpec
+from KDSegmentationLib.tasks.base import InputGridOutput, NetworkInput, TaskPipeline
+from KDSegmentationLib.tasks.components import largest_component
 
 # FOV threshold between the dark surround and the retina, as a fraction of the way from one level to the other.
 FOV_LEVEL_FRACTION = 0.25
@@ -231,3 +234,84 @@ def restore_from_fov(prob_scaled: np.ndarray, original_shape: Tuple[int, int]) -
     if p.ndim == 3:
         return np.stack([_resize(c, hw) for c in p])
     return _resize(p, hw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the photo on the model's scale and back
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class PreparedPhoto:
+    rgb: np.ndarray                   # uint8 (h, w, 3) rescaled photo
+    fov: np.ndarray                   # bool (h, w) field of view on the rescaled photo
+    scale: float                      # rescaled size / original size
+    original_shape: Tuple[int, int]   # (H, W) of the input photo
+    original_fov: Optional[np.ndarray] = None  # bool (H, W) field of view on the input photo
+
+
+def prepare_fundus(rgb: np.ndarray, task: TaskSpec, fov: Optional[np.ndarray] = None) -> PreparedPhoto:
+    """Photo (H, W, 3) uint8 -> rescaled to the task's field-of-view diameter."""
+    if fov is None:
+        fov = fov_mask(rgb)
+    rgb_s, fov_s, scale = rescale_to_fov(rgb, fov, task.fov_diameter_px)
+    return PreparedPhoto(rgb=rgb_s, fov=fov_s.astype(bool), scale=float(scale), original_shape=rgb.shape[:2],
+                         original_fov=fov)
+
+
+def prepare_fundus_label(label: np.ndarray, prepared: PreparedPhoto) -> np.ndarray:
+    """Vessel mask (H, W) -> uint8 (h, w) on the rescaled photo (thin vessels: resize as float, threshold 0.5)."""
+    from PIL import Image
+
+    h, w = prepared.rgb.shape[:2]
+    lab = Image.fromarray((label > 0).astype(np.float32), mode="F").resize((w, h), Image.BILINEAR)
+    return (np.asarray(lab) >= 0.5).astype(np.uint8)
+
+
+def fundus_input(rgb: np.ndarray, fov: np.ndarray) -> np.ndarray:
+    """Network input (3, h, w) float32: camera-independent contrast normalisation inside the field of view."""
+    return normalise_fundus(rgb, fov)
+
+
+def probabilities_to_photo(prob_hw: np.ndarray, prepared: PreparedPhoto) -> np.ndarray:
+    """Foreground probability (h, w) on the rescaled photo -> (H, W) on the input photo."""
+    return restore_from_fov(prob_hw, prepared.original_shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the pipeline
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _photo_label_image(labels2d: np.ndarray, photo):
+    """(H, W) labels -> UInt8 image with the photo's geometry (2D, or single-slice 3D if the photo was 3D)."""
+    import SimpleITK as sitk
+
+    lab = sitk.GetImageFromArray(labels2d[None] if photo.GetDimension() == 3 else labels2d)
+    lab.SetOrigin(photo.GetOrigin())
+    lab.SetSpacing(photo.GetSpacing())
+    lab.SetDirection(photo.GetDirection())
+    return lab
+
+
+class RetinaPipeline(TaskPipeline):
+    """The photo rescaled to the model's field-of-view diameter and contrast-normalised; vessel probabilities resized
+    back to the photo, limited to its field of view, and thresholded at the model's calibrated threshold."""
+
+    def prepare(self, image, seed_ras=None) -> NetworkInput:
+        from KDSegmentationLib.io.images import photo_to_array
+
+        rgb = photo_to_array(image)
+        prepared = prepare_fundus(rgb, self.spec, fov=fov_mask(rgb))
+        return NetworkInput(tensor=fundus_input(prepared.rgb, prepared.fov)[None], context=prepared)
+
+    def to_input_grid(self, probabilities, prepared: NetworkInput, image, threshold: float = 0.5) -> InputGridOutput:
+        photo = prepared.context
+        prob_model = probabilities[0, 1] * photo.fov
+        prob = probabilities_to_photo(prob_model, photo) * photo.original_fov
+        labels2d = (prob >= threshold).astype(np.uint8)
+        return InputGridOutput(labels=labels2d, labelmap=_photo_label_image(labels2d, image),
+                               probability=prob.astype(np.float32))
+
+    def measure(self, output: InputGridOutput, prepared: NetworkInput, image) -> Dict[str, dict]:
+        area = int(output.labels.sum())
+        fov_px = max(int(prepared.context.original_fov.sum()), 1)
+        return {self.spec.labels[0].name: {"area_px": area, "fraction_of_fov": round(area / fov_px, 4)}}

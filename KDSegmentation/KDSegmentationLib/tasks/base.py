@@ -1,0 +1,75 @@
+"""The pipeline every task implements, and the one place that maps a task name to its pipeline.
+
+Data flow of ``kdseg segment`` (and of evaluation, calibration and validation, which run the same steps):
+
+    image (SimpleITK, input grid) -> pipeline.prepare -> NetworkInput (float32 (B, C, *spatial), model grid)
+    -> inference.Inferer -> probabilities (B, C, *spatial) -> pipeline.to_input_grid (+ post-processing)
+    -> labels (uint8, input grid) -> pipeline.measure -> segment statistics
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from KDSegmentationLib.tasks import TaskSpec
+
+
+@dataclass
+class NetworkInput:
+    """A task's network input with what its inverse needs.
+
+    tensor: float32 (B, C, *spatial) on the model grid (B = 1 for a volume or photo; the nodule's slices are the
+    batch). roi_zyx: sliding-window ROI in model voxels, or None to run the whole input at once. context: the
+    task's record of the preparation (model grid, seed region, rescaled photo) used to map the output back.
+    """
+
+    tensor: np.ndarray
+    context: Any
+    roi_zyx: Optional[Tuple[int, ...]] = None
+
+
+@dataclass
+class InputGridOutput:
+    """The result on the input grid: labels (uint8, the input's array shape, values = task label values), the
+    labelmap image with the input's geometry, and the foreground probability where the task has one (for AP/AUC)."""
+
+    labels: np.ndarray
+    labelmap: Any
+    probability: Optional[np.ndarray] = None
+    warnings: List[str] = field(default_factory=list)
+
+
+class TaskPipeline:
+    """One task's steps around the network. Subclasses hold no state but the task's specification."""
+
+    def __init__(self, spec: TaskSpec):
+        self.spec = spec
+
+    def prepare(self, image, seed_ras=None) -> NetworkInput:
+        """Input image (SimpleITK, validated for the task) -> network input on the model grid."""
+        raise NotImplementedError
+
+    def to_input_grid(self, probabilities: np.ndarray, prepared: NetworkInput, image,
+                      threshold: float = 0.5) -> InputGridOutput:
+        """Class probabilities (B, C, *spatial) -> post-processed labels on exactly the input grid.
+        ``threshold``: a binary model's calibrated decision threshold on the foreground probability."""
+        raise NotImplementedError
+
+    def measure(self, output: InputGridOutput, prepared: NetworkInput, image) -> Dict[str, dict]:
+        """Segment name -> statistics shown to the user (volumes in mL, or areas in pixels)."""
+        raise NotImplementedError
+
+
+def pipeline_for(task: TaskSpec) -> TaskPipeline:
+    """The pipeline of ``task`` (imported here, so that a task module is loaded only when it runs)."""
+    if task.name == "liver":
+        from KDSegmentationLib.tasks.liver import LiverPipeline as cls
+    elif task.name == "lung_nodule":
+        from KDSegmentationLib.tasks.lung_nodule import LungNodulePipeline as cls
+    elif task.name == "retina":
+        from KDSegmentationLib.tasks.retina import RetinaPipeline as cls
+    else:
+        raise KeyError(f"task {task.name} has no pipeline")
+    return cls(task)

@@ -1,0 +1,40 @@
+"""Liver and liver tumour in abdominal CT: a 3D network on the resampled, windowed volume; the organ kept whole."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+
+from KDSegmentationLib.tasks.base import InputGridOutput, NetworkInput, TaskPipeline
+from KDSegmentationLib.tasks.components import largest_component
+from KDSegmentationLib.tasks.ct import ct_window, labels_on_input_grid, prepare_ct_volume, segment_volumes
+
+
+def liver_postprocess(labels: np.ndarray) -> np.ndarray:
+    """Liver = largest connected organ (liver+tumour) component; tumour only inside it.
+
+    Why: false positives in spleen/heart are disconnected from the liver, and a tumour is by definition in the liver.
+    """
+    organ = largest_component(labels > 0)
+    out = np.zeros_like(labels)
+    out[organ] = 1
+    out[organ & (labels == 2)] = 2
+    return out
+
+
+class LiverPipeline(TaskPipeline):
+    def prepare(self, image, seed_ras=None) -> NetworkInput:
+        prepared = prepare_ct_volume(image, self.spec)
+        tensor = ct_window(prepared.hu, self.spec)[None, None]
+        return NetworkInput(tensor=tensor, context=prepared, roi_zyx=tuple(reversed(self.spec.roi_size)))
+
+    def to_input_grid(self, probabilities, prepared: NetworkInput, image, threshold: float = 0.5) -> InputGridOutput:
+        import SimpleITK as sitk
+
+        labels = labels_on_input_grid(probabilities[0], prepared.context, postprocess=liver_postprocess)
+        labelmap = sitk.GetImageFromArray(labels)
+        labelmap.CopyInformation(image)
+        return InputGridOutput(labels=labels, labelmap=labelmap)
+
+    def measure(self, output: InputGridOutput, prepared: NetworkInput, image) -> Dict[str, dict]:
+        return segment_volumes(output.labels, self.spec, image.GetSpacing())
