@@ -24,8 +24,29 @@ from slicer.ScriptedLoadableModule import (
 from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
 from slicer.util import VTKObservationMixin
 
-# Slicer-free and light (no torch/MONAI): the heavy engine only ever runs in the worker process.
-from KDSegmentationLib.client import worker
+# Slicer-free and light (no torch/MONAI): the heavy engine only ever runs in the engine process.
+from KDSegmentationLib.client import (
+    SLICER_REQUIREMENTS,
+    TORCH_REQUIREMENT,
+    Run,
+    RunManager,
+    delete_user_model,
+    distill_command,
+    engine_python,
+    find_samples,
+    format_elapsed,
+    format_volumes,
+    installed_version,
+    is_local_model,
+    missing_requirements,
+    model_card_text,
+    model_choices,
+    model_label,
+    models_list_command,
+    next_model_path,
+    safe_name,
+    terminology_files,
+)
 from KDSegmentationLib.paths import shipped_models_dir, user_models_dir
 from KDSegmentationLib.tasks import TASKS
 
@@ -128,7 +149,7 @@ def registerSampleData():
     import SampleData
 
     iconPath = resourcesDir() / "Icons" / "KDSegmentation.png"
-    for sample in worker.find_samples(resourcesDir() / "Samples"):
+    for sample in find_samples(resourcesDir() / "Samples"):
         SampleData.SampleDataLogic.registerCustomSampleDataSource(
             category="KDSegmentation",
             sampleName=sample["sample_name"],
@@ -143,7 +164,7 @@ def registerSampleData():
 def loadTerminologies():
     """Terminology entries the standard lists lack (e.g. retinal vessels) so segments show proper names."""
     terminologiesLogic = slicer.modules.terminologies.logic()
-    for path, kind in worker.terminology_files(resourcesDir() / "Terminology"):
+    for path, kind in terminology_files(resourcesDir() / "Terminology"):
         if kind == "category":
             terminologiesLogic.LoadTerminologyFromFile(path)
         else:
@@ -195,7 +216,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.distillDataPathLineEdit.connect("currentPathChanged(QString)", self.updateButtons)
 
         self.initializeParameterNode()
-        # Listing models starts a worker process; only worth it once the packages are there.
+        # Listing models starts an engine process; only worth it once the packages are there.
         if not self.logic.missingDependencies():
             self.onRefreshModels()
 
@@ -255,7 +276,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _fillModelComboBox(self):
         parameterNode = self._parameterNode
-        choices = worker.model_choices(self._modelEntries, parameterNode.task)
+        choices = model_choices(self._modelEntries, parameterNode.task)
         values = [value for _, value in choices]
         if parameterNode.model not in values:
             if parameterNode.model and os.path.isfile(parameterNode.model):
@@ -322,7 +343,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.distillButton.enabled = True
 
         entry = self._selectedModelEntry()
-        self.ui.deleteModelButton.enabled = bool(entry and entry.get("source") in worker.LOCAL_SOURCES)
+        self.ui.deleteModelButton.enabled = bool(entry and is_local_model(entry))
 
     # -- segmentation -------------------------------------------------------------------------------------
     def onApplyButton(self):
@@ -348,7 +369,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSegmentProgress(self, run):
         self.ui.progressBar.value = int(round(100 * run.fraction))
-        self.ui.statusLabel.text = f"{run.stage or 'Starting'} - {worker.format_elapsed(run.elapsed)}"
+        self.ui.statusLabel.text = f"{run.stage or 'Starting'} - {format_elapsed(run.elapsed)}"
 
     def appendLog(self, message, level="info"):
         prefix = "" if level in ("info", None) else f"{str(level).upper()}: "
@@ -362,7 +383,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateButtons()
         if run.status == "succeeded":
             self.ui.progressBar.value = 100
-            self.ui.statusLabel.text = f"Done in {worker.format_elapsed(run.elapsed)} on {run.device}."
+            self.ui.statusLabel.text = f"Done in {format_elapsed(run.elapsed)} on {run.device}."
             self.ui.resultsLabel.text = run.message
             if self._parameterNode:
                 self._parameterNode.outputSegmentation = run.output
@@ -404,13 +425,13 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDistillProgress(self, run):
         self.ui.distillProgressBar.value = int(round(100 * run.fraction))
-        self.ui.distillStatusLabel.text = f"{run.stage or 'Starting'} - {worker.format_elapsed(run.elapsed)}"
+        self.ui.distillStatusLabel.text = f"{run.stage or 'Starting'} - {format_elapsed(run.elapsed)}"
 
     def onDistillFinished(self, run):
         self.updateButtons()
         if run.status == "succeeded":
             self.ui.distillProgressBar.value = 100
-            self.ui.distillStatusLabel.text = f"{run.message} ({worker.format_elapsed(run.elapsed)})"
+            self.ui.distillStatusLabel.text = f"{run.message} ({format_elapsed(run.elapsed)})"
             if self._parameterNode and run.model_path and self._parameterNode.task == run.task:
                 self._parameterNode.model = str(run.model_path)
             self.onRefreshModels()
@@ -434,7 +455,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = self.ui.modelsListWidget.blockSignals(True)
         self.ui.modelsListWidget.clear()
         for entry in self._modelEntries:
-            self.ui.modelsListWidget.addItem(worker.model_label(entry))
+            self.ui.modelsListWidget.addItem(model_label(entry))
         self.ui.modelsListWidget.blockSignals(wasBlocked)
         self.ui.modelCardTextEdit.setPlainText("" if entries else "No model installed yet.")
         self.onParameterNodeModified()
@@ -445,7 +466,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelsListRowChanged(self, row):
         entry = self._selectedModelEntry()
-        self.ui.modelCardTextEdit.setPlainText(worker.model_card_text(entry) if entry else "")
+        self.ui.modelCardTextEdit.setPlainText(model_card_text(entry) if entry else "")
         self.updateButtons()
 
     def onDeleteModel(self):
@@ -453,7 +474,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not entry:
             return
         if not slicer.util.confirmYesNoDisplay(
-                f"Delete {worker.model_label(entry)} and its report files? This cannot be undone."):
+                f"Delete {model_label(entry)} and its report files? This cannot be undone."):
             return
         with slicer.util.tryWithErrorDisplay("The model could not be deleted.", waitCursor=True):
             self.logic.deleteModel(entry)
@@ -479,7 +500,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 #
 
 class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
-    """Runs the worker process without blocking the GUI; usable from the Python console and scripts.
+    """Runs the engine process without blocking the GUI; usable from the Python console and scripts.
 
     >>> logic = KDSegmentationLogic()
     >>> run = logic.segment(volumeNode, "liver", wait=True)
@@ -493,8 +514,8 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         ScriptedLoadableModuleLogic.__init__(self)
         VTKObservationMixin.__init__(self)
         self.keepWorker = True
-        # process handling is Slicer-free (KDSegmentationLib.client.worker); this class adds the scene around it
-        self.runs = worker.RunManager(python_executable=self.pythonExecutable)
+        # process handling is Slicer-free (KDSegmentationLib.client); this class adds the scene around it
+        self.runs = RunManager(python_executable=self.pythonExecutable)
         self.runs.on_segment_result = self._importResult
         self.runs.on_metric = self._updatePlot
         self._timer = qt.QTimer()
@@ -509,7 +530,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     # -- environment --------------------------------------------------------------------------------------
     @staticmethod
     def pythonExecutable():
-        return worker.python_for_worker()
+        return engine_python()
 
     @staticmethod
     def userModelsDir():
@@ -522,8 +543,8 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     @staticmethod
     def missingDependencies():
         """Python packages to install (checked from package metadata: nothing heavy is imported)."""
-        missing = [] if worker.installed_version("torch") else ["torch" + worker.TORCH_REQUIREMENT]
-        return missing + worker.missing_requirements(worker.SLICER_REQUIREMENTS)
+        missing = [] if installed_version("torch") else ["torch" + TORCH_REQUIREMENT]
+        return missing + missing_requirements(SLICER_REQUIREMENTS)
 
     def ensureDependencies(self, askUser=True):
         """Install what is missing, after asking; torch through the PyTorch extension so it matches the GPU."""
@@ -542,7 +563,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 raise RuntimeError("KD Segmentation needs the PyTorch extension. Install 'PyTorch' from the "
                                    "Extensions Manager, restart Slicer and try again.") from None
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=worker.TORCH_REQUIREMENT)
+                askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
                 raise RuntimeError("PyTorch was not installed. Install it from the PyTorch Utils module and retry.")
         # After torch, so that pip sees it installed and does not fetch another build from PyPI.
@@ -609,9 +630,9 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         self.checkInputVolume(inputVolume, spec)
         seed = self.seedPointRas(seedNode, inputVolume) if spec.needs_seed else None
 
-        run = worker.Run("segment", progressCallback, self._logger(logCallback), finishedCallback)
+        run = Run("segment", progressCallback, self._logger(logCallback), finishedCallback)
         run.task, run.model, run.device, run.seed = task, model, device, seed
-        run.use_warm_worker = self.keepWorker if keepWorker is None else bool(keepWorker)
+        run.use_persistent = self.keepWorker if keepWorker is None else bool(keepWorker)
         run.context.update(inputVolume=inputVolume, outputSegmentation=outputSegmentation)
         run.temp_dir = self._makeTempDir()
         try:
@@ -697,12 +718,12 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         return outputSegmentation
 
     def _importResult(self, run):
-        """RunManager hook: the worker wrote the result; load it into the scene and return the summary."""
+        """RunManager hook: the engine wrote the result; load it into the scene and return the summary."""
         inputVolume = run.context["inputVolume"]
         name = f"{inputVolume.GetName()} {TASKS[run.task].title.split(' (')[0]}"
         path = run.result.get("path") or run.output_path
         run.output = self.importSegmentation(path, inputVolume, run.context.get("outputSegmentation"), name)
-        return worker.format_volumes(run.result)
+        return format_volumes(run.result)
 
     # -- local distillation -------------------------------------------------------------------------------
     def distill(self, task, teacherPath=None, dataFolder=None, unlabeledFolder=None, volumeNodes=None,
@@ -720,11 +741,11 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             raise ValueError(f"Teacher model {teacher} not found; choose a teacher model file (*.kdseg.pt).")
         if not epochs and not maxMinutes:
             raise ValueError("Set a number of epochs or a time budget.")
-        outputPath = Path(outputPath) if outputPath else worker.next_model_path(self.userModelsDir(), task)
+        outputPath = Path(outputPath) if outputPath else next_model_path(self.userModelsDir(), task)
         if outputPath.exists():
             raise ValueError(f"{outputPath} already exists; models are never overwritten.")
 
-        run = worker.Run("distill", progressCallback, self._logger(logCallback), finishedCallback)
+        run = Run("distill", progressCallback, self._logger(logCallback), finishedCallback)
         run.task, run.model_path = task, outputPath
         run.temp_dir = self._makeTempDir()
         try:
@@ -736,7 +757,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             elif not Path(dataFolder).is_dir():
                 raise ValueError(f"Folder {dataFolder} does not exist.")
             outputPath.parent.mkdir(parents=True, exist_ok=True)
-            command = worker.distill_command(
+            command = distill_command(
                 self.pythonExecutable(), task, teacher, dataFolder, outputPath, unlabeled=unlabeledFolder,
                 alpha=alpha, temperature=temperature, max_minutes=maxMinutes or None, epochs=epochs or None)
             self.runs.start_command(run, command)
@@ -762,7 +783,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         labelled = unlabelled = 0
         for index, volumeNode in enumerate(volumeNodes):
             self.checkInputVolume(volumeNode, spec)
-            name = f"{index:03d}_{worker.safe_name(volumeNode.GetName())}"
+            name = f"{index:03d}_{safe_name(volumeNode.GetName())}"
             segmentationNode = references.get(volumeNode.GetID())
             if segmentationNode is not None:
                 self.exportVolume(volumeNode, dataDir / "images", name + ".nrrd")
@@ -838,7 +859,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if plot is None:
             return
         now = time.monotonic()
-        if run.worker.running and now - plot["lastUpdate"] < 1.0:
+        if run.process.running and now - plot["lastUpdate"] < 1.0:
             return
         plot["lastUpdate"] = now
         import numpy as np
@@ -857,12 +878,12 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         def finished(run):
             callback(run.result or [], None if run.status == "succeeded" else (run.message or run.status))
 
-        run = worker.Run("models", finished_callback=finished)
-        self.runs.start_command(run, worker.models_list_command(self.pythonExecutable()))
+        run = Run("models", finished_callback=finished)
+        self.runs.start_command(run, models_list_command(self.pythonExecutable()))
         return self._start(run, wait=False)
 
     def deleteModel(self, entry):
-        return worker.delete_user_model(entry, self.userModelsDir())
+        return delete_user_model(entry, self.userModelsDir())
 
     # -- helpers ------------------------------------------------------------------------------------------
     @staticmethod
@@ -923,7 +944,7 @@ class KDSegmentationTest(ScriptedLoadableModuleTest):
         if missing:
             self.delayDisplay("Skipped: Python packages missing: " + ", ".join(missing))
             return
-        samples = worker.find_samples(resourcesDir() / "Samples")
+        samples = find_samples(resourcesDir() / "Samples")
         self.assertTrue(samples, "no bundled samples")
         try:
             for sample in samples:

@@ -1,8 +1,9 @@
-"""Progress reporting for the worker protocol.
+"""Progress reporting in the engine's event protocol (names in :mod:`KDSegmentationLib.protocol`).
 
 With ``mode="json"`` every event is one JSON object on one line of stdout, e.g.
 ``{"event": "progress", "stage": "inference", "fraction": 0.42}``; the Slicer panel and the tests parse exactly these
-lines with :func:`parse_event`. With ``mode="bar"`` humans get a tqdm bar on stderr; ``mode="none"`` is silent.
+lines with :func:`KDSegmentationLib.protocol.parse_event`. With ``mode="bar"`` humans get a tqdm bar on stderr;
+``mode="none"`` is silent.
 ``mode="auto"`` picks ``bar`` when stderr is a terminal, else ``none``.
 """
 from __future__ import annotations
@@ -12,11 +13,12 @@ import sys
 import time
 from typing import Any, Optional, TextIO
 
-EVENTS = ("progress", "metric", "log", "result", "error")
+from KDSegmentationLib import protocol as P
+from KDSegmentationLib.protocol import EVENTS, parse_event  # noqa: F401  (re-exported for the engine's callers)
 
 
 class Progress:
-    """Emits worker events. Cheap to create; safe to call from training loops."""
+    """Emits protocol events. Cheap to create; safe to call from training loops."""
 
     def __init__(self, mode: str = "auto", stream: Optional[TextIO] = None):
         if mode == "auto":
@@ -33,33 +35,33 @@ class Progress:
     def progress(self, stage: str, fraction: float, **extra: Any) -> None:
         fraction = float(min(max(fraction, 0.0), 1.0))
         if self.mode == "json":
-            self._emit({"event": "progress", "stage": stage, "fraction": round(fraction, 4), **extra})
+            self._emit({P.EVENT: P.EVENT_PROGRESS, P.STAGE: stage, P.FRACTION: round(fraction, 4), **extra})
         elif self.mode == "bar":
             self._update_bar(stage, fraction)
 
     def metric(self, **values: Any) -> None:
         if self.mode == "json":
-            self._emit({"event": "metric", **values})
+            self._emit({P.EVENT: P.EVENT_METRIC, **values})
         elif self.mode == "bar":
             self._write_line(" ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
-    def log(self, message: str, level: str = "info") -> None:
+    def log(self, message: str, level: str = P.LEVEL_INFO) -> None:
         if self.mode == "json":
-            self._emit({"event": "log", "level": level, "message": message})
+            self._emit({P.EVENT: P.EVENT_LOG, P.LEVEL: level, P.MESSAGE: message})
         else:
             # warnings must reach a human even without a bar
-            if self.mode == "bar" or level in ("warning", "error"):
-                self._write_line(f"{level}: {message}" if level != "info" else message)
+            if self.mode == "bar" or level in (P.LEVEL_WARNING, P.LEVEL_ERROR):
+                self._write_line(f"{level}: {message}" if level != P.LEVEL_INFO else message)
 
     def result(self, path: Optional[str] = None, **extra: Any) -> None:
         self._close_bar()
         if self.mode == "json":
-            self._emit({"event": "result", "path": path, "seconds": round(self.elapsed(), 3), **extra})
+            self._emit({P.EVENT: P.EVENT_RESULT, P.PATH: path, P.SECONDS: round(self.elapsed(), 3), **extra})
 
     def error(self, message: str) -> None:
         self._close_bar()
         if self.mode == "json":
-            self._emit({"event": "error", "message": message})
+            self._emit({P.EVENT: P.EVENT_ERROR, P.MESSAGE: message})
 
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0
@@ -108,17 +110,3 @@ def _json_default(o: Any):
     except ImportError:  # pragma: no cover
         pass
     return str(o)
-
-
-def parse_event(line: str) -> Optional[dict]:
-    """Parse one worker stdout line; returns the event dict, or None for lines that are not protocol events."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(obj, dict) or obj.get("event") not in EVENTS:
-        return None
-    return obj

@@ -63,19 +63,20 @@ def vtk_messages():
 
 
 def find_sample(task: str) -> dict:
-    from KDSegmentationLib.client import worker
+    from KDSegmentationLib.client import find_samples
 
-    return next(s for s in worker.find_samples(SAMPLES_DIR) if s["task"] == task)
+    return next(s for s in find_samples(SAMPLES_DIR) if s["task"] == task)
 
 
 def cli_labelmap(sample: dict, output: Path, model: str = "student"):
     """The labelmap ``kdseg segment`` writes for the sample, as a (z, y, x) array."""
     import SimpleITK as sitk
-    from KDSegmentationLib.client import worker
+    from KDSegmentationLib.client import segment_command
+    from KDSegmentationLib.client.process import engine_env
 
-    command = worker.segment_command(sys.executable, sample["task"], sample["path"], output, model=model,
-                                     device="cpu", seed_ras=sample.get("seed_ras"), threads=2)
+    command = segment_command(sys.executable, sample["task"], sample["path"], output, model=model,
+                              device="cpu", seed_ras=sample.get("seed_ras"), threads=2)
     command.remove("--progress")
     command.remove("json")
-    subprocess.run(command, env=worker.worker_env(), check=True, capture_output=True, timeout=300)
+    subprocess.run(command, env=engine_env(), check=True, capture_output=True, timeout=300)
     return sitk.GetArrayFromImage(sitk.ReadImage(str(output)))

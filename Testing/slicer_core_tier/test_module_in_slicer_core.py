@@ -286,7 +286,7 @@ def test_cancel_during_segmentation(kdseg_module, slicer_core, scene):
         assert not run.done, "finished before it could be cancelled"
         logic.cancelSegmentation()
         assert run.status == "cancelled" and not logic.isSegmenting()
-        pump_until(slicer_core, lambda: not run.worker.running, timeout_s=10)
+        pump_until(slicer_core, lambda: not run.process.running, timeout_s=10)
         for _ in range(5):
             slicer_core.app.processEvents()
         assert scene_node_ids(scene) == nodes
@@ -361,7 +361,7 @@ def test_cancel_during_distillation(kdseg_module, slicer_core, scene, tmp_path):
     finally:
         logic.shutdown()
     assert run.status == "cancelled", run.message
-    assert not run.worker.running
+    assert not run.process.running
     assert sha256(teacher) == teacher_hash
     np.testing.assert_array_equal(slicer_core.util.arrayFromVolume(volume), before)
     assert not any(output.parent.glob(".*tmp*")) if output.parent.exists() else True

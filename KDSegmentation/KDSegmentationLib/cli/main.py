@@ -157,10 +157,13 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
         raise InputError(f"input {input_path} does not exist; give an image file or a DICOM folder")
     check_not_input(input_path, out)
 
-    from KDSegmentationLib.inference.segment import load_task_model, pick_device, resolve_model, segment_image
+    from KDSegmentationLib.inference.device import pick_device
+    from KDSegmentationLib.inference.segment import load_task_model, segment_image
+    from KDSegmentationLib.models.catalog import resolve_model
 
     resolve_model(task, model)  # a missing model is said before any slow work
-    from KDSegmentationLib.io.images import check_image_for_task, read_image
+    from KDSegmentationLib.io.images import read_image
+    from KDSegmentationLib.io.suitability import check_image_for_task
     from KDSegmentationLib.io.segmentations import write_segmentation
 
     timings = {}
@@ -267,7 +270,12 @@ def cmd_models(args) -> int:
         entry = find_model(args.name)
         print(json.dumps(entry, indent=2))
         return 0
-    entries = list_models()
+    import contextlib
+
+    # With --json stdout holds exactly one JSON document (the client parses it strictly): anything a library
+    # prints while the model files are read goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        entries = list_models()
     if args.json:
         print(json.dumps(entries, indent=2))
     else:
@@ -305,9 +313,9 @@ def cmd_evaluate(args) -> int:
         raise InputError("kdseg evaluate needs either --pred and --ref, or --data DIR")
     text = json.dumps(result, indent=2)
     if args.output:
-        from KDSegmentationLib.evaluation.evaluate import write_json_atomic
+        from KDSegmentationLib.io.atomic import write_json
 
-        write_json_atomic(result, Path(args.output))
+        write_json(Path(args.output), result)
     print(text)
     return 0
 
@@ -331,176 +339,6 @@ def cmd_calibrate(args) -> int:
         result["stored_in"] = str(args.model)
     print(json.dumps(result, indent=2))
     return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# persistent worker
-# ---------------------------------------------------------------------------------------------------------------
-
-def cmd_serve(args) -> int:
-    """Persistent worker: one JSON request per stdin line, events on stdout tagged with the request id.
-
-    Request: {"id": 1, "command": "segment", "task": ..., "input": ..., "output": ..., "model": ...,
-    "device": ..., "seed_ras": [x, y, z]}; {"command": "quit"} or end of input stops the worker. Start-up
-    (imports, model load) is paid once per session instead of once per run.
-    """
-    import torch  # noqa: F401  (import once, up front: that is the point of the worker)
-
-    set_threads(args.threads)
-    out = sys.stdout
-    out.write(json.dumps({"event": "log", "level": "info", "message": "ready"}) + "\n")
-    out.flush()
-    restore = _install_cancel_handlers()
-    try:
-        for line, problem in _request_lines(getattr(sys.stdin, "buffer", sys.stdin)):
-            req, problem = _parse_request(line, problem)
-            if problem:
-                _TaggedProgress(_request_id_of(req, line), out).error(problem)
-                continue
-            if req.get("command") == "quit":
-                break
-            progress = _TaggedProgress(_request_id_of(req, line), out)
-            try:
-                if req.get("command") != "segment":
-                    raise InputError(f"unknown command {bound_text(repr(req.get('command')), 80)}; the worker "
-                                     "understands segment, quit")
-                fields = _request_fields(req)
-                summary = run_segment(fields["task"], fields["input"], fields["output"], model=fields["model"],
-                                      device=fields["device"], seed_ras=fields["seed_ras"], progress=progress)
-                progress.result(**summary)
-            except KeyboardInterrupt as exc:
-                progress.error(f"cancelled ({str(exc) or 'SIGINT'}); the worker stops")
-                return 128 + int(getattr(exc, "signal", None) or 2)
-            except InputError as exc:
-                progress.error(str(exc))
-            except KeyError as exc:
-                progress.error(f"request is missing {exc}")
-            except RecursionError:
-                progress.error("request is nested too deeply")
-            except Exception as exc:  # keep the worker alive for the next request
-                progress.error(f"internal error: {type(exc).__name__}: {exc}")
-    except KeyboardInterrupt as exc:  # signalled between requests: nothing to answer
-        return 128 + int(getattr(exc, "signal", None) or 2)
-    finally:
-        if restore:
-            restore()
-    return 0
-
-
-# One request line at most; longer ones are skipped up to their end (the line is never held whole in memory) and
-# answered with an error, so a runaway client cannot exhaust the worker's memory.
-MAX_REQUEST_BYTES = 1 << 20
-
-
-def _request_lines(stream):
-    """Yield (line bytes, None) or (first bytes, problem) for each non-empty line of ``stream``."""
-    while True:
-        line = stream.readline(MAX_REQUEST_BYTES + 1)
-        if isinstance(line, str):  # a text stream (tests, embedding)
-            line = line.encode("utf-8", "surrogateescape")
-        if not line:
-            return
-        if len(line) > MAX_REQUEST_BYTES and not line.endswith(b"\n"):
-            head = line[:4096]
-            while True:
-                chunk = stream.readline(MAX_REQUEST_BYTES)
-                if not chunk or chunk.endswith(b"\n" if isinstance(chunk, bytes) else "\n"):
-                    break
-            yield head, f"request line longer than {MAX_REQUEST_BYTES // 1024} KiB"
-            continue
-        if line.strip():
-            yield line, None
-
-
-def _parse_request(line: bytes, problem: Optional[str]):
-    """(request dict or None, problem or None)."""
-    if problem:
-        return None, problem
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "request is not valid UTF-8"
-    try:
-        req = json.loads(text)
-    except RecursionError:
-        return None, "request is nested too deeply"
-    except ValueError:
-        return None, "request is not valid JSON"
-    if not isinstance(req, dict):
-        return None, f"request must be a JSON object, got {type(req).__name__}"
-    return req, None
-
-
-def _request_id_of(req, line: bytes):
-    """The request's id when it has a usable one (a number or short text), also dug out of a line that failed to
-    parse, so the client can match the error to its request."""
-    if isinstance(req, dict):
-        rid = req.get("id")
-    else:
-        import re
-
-        m = re.search(rb'"id"\s*:\s*(-?\d{1,18}|"[^"\\]{0,200}")', line[:4096] if line else b"")
-        if not m:
-            return None
-        try:
-            rid = json.loads(m.group(1).decode("utf-8"))
-        except ValueError:
-            return None
-    if isinstance(rid, bool) or not isinstance(rid, (int, str)):
-        return None
-    if isinstance(rid, str):
-        return bound_text(rid, 200)
-    return rid if -2 ** 63 <= rid < 2 ** 63 else None
-
-
-def _request_fields(req: dict) -> dict:
-    """The segment request's fields, typed: a wrong type is a bad request, not an internal error."""
-    fields = {}
-    for key, default in (("task", None), ("input", None), ("output", None), ("model", "student"),
-                         ("device", "auto")):
-        value = req[key] if default is None else req.get(key, default)
-        if not isinstance(value, str):
-            raise InputError(f"request field '{key}' must be text, got {type(value).__name__}")
-        if len(value) > 4096:
-            raise InputError(f"request field '{key}' is {len(value)} characters long; paths and names are at most "
-                             "4096")
-        fields[key] = value
-    seed = req.get("seed_ras")
-    if seed is not None:
-        if not isinstance(seed, list) or len(seed) != 3 \
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in seed):
-            raise InputError("request field 'seed_ras' must be three numbers [x, y, z] in RAS millimetres")
-        seed = tuple(float(v) for v in seed)
-    fields["seed_ras"] = seed or None
-    return fields
-
-
-class _TaggedProgress:
-    def __init__(self, request_id, stream):
-        from KDSegmentationLib.progress import Progress
-
-        self._p = Progress("json", stream=_TagStream(request_id, stream))
-
-    def __getattr__(self, name):
-        return getattr(self._p, name)
-
-
-class _TagStream:
-    def __init__(self, request_id, stream):
-        self.request_id = request_id
-        self.stream = stream
-
-    def write(self, text):
-        for line in text.splitlines():
-            if line.strip():
-                obj = json.loads(line)
-                obj["id"] = self.request_id
-                if isinstance(obj.get("message"), str):
-                    obj["message"] = bound_message(obj["message"])
-                self.stream.write(json.dumps(obj) + "\n")
-
-    def flush(self):
-        self.stream.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -568,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_models)
+
+    from KDSegmentationLib.cli.serve import cmd_serve
 
     s = sub.add_parser("serve", help="persistent worker: JSON requests on stdin, JSON events on stdout")
     s.add_argument("--threads", type=str)

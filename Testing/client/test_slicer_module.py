@@ -13,7 +13,7 @@ from typing import Set
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE_FILE = REPO / "KDSegmentation" / "KDSegmentation.py"
 LIB_DIR = REPO / "KDSegmentation" / "KDSegmentationLib"
 UI_FILE = REPO / "Resources" / "UI" / "KDSegmentation.ui"

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from KDSegmentationLib.client import worker
-from KDSegmentationLib.client.worker import WorkerProcess
+from KDSegmentationLib.client import commands, models
+from KDSegmentationLib.client.process import LIB_NAME, EngineProcess, engine_env, safe_cwd, supports_safe_path, \
+    with_safe_path
 
 
 def _hostile_folder(tmp_path: Path) -> Path:
@@ -27,7 +28,7 @@ def _hostile_folder(tmp_path: Path) -> Path:
     return marker
 
 
-def _drain(w: WorkerProcess, timeout: float = 180.0):
+def _drain(w: EngineProcess, timeout: float = 180.0):
     events, end = [], time.monotonic() + timeout
     while time.monotonic() < end:
         events += w.poll_events()
@@ -42,27 +43,29 @@ def _drain(w: WorkerProcess, timeout: float = 180.0):
 def test_engine_started_from_a_hostile_folder_imports_nothing_from_it(command, tmp_path, monkeypatch):
     marker = _hostile_folder(tmp_path)
     monkeypatch.chdir(tmp_path / "downloads")  # the panel's current directory
-    env = worker.worker_env(extra={"KDSEG_USER_MODELS": str(tmp_path / "user models")})
+    env = engine_env(extra={"KDSEG_USER_MODELS": str(tmp_path / "user models")})
     if command == "models":
-        cmd = worker.models_list_command(sys.executable)
+        cmd = commands.models_list_command(sys.executable)
     else:  # the engine's own imports (numpy, torch) as a persistent worker would do them
-        cmd = [sys.executable, "-m", worker.LIB_NAME, "serve", "--threads", "1"]
-    w = WorkerProcess(cmd, env=env, interactive=command != "models").start()
+        cmd = [sys.executable, "-m", LIB_NAME, "serve", "--threads", "1"]
+    w = EngineProcess(cmd, env=env, interactive=command != "models", merge_stderr=command != "models",
+                      read_events=command != "models").start()
     if command != "models":
         w.send({"command": "quit"})
     events = _drain(w)
     assert w.returncode == 0, events
     assert not marker.exists(), marker.read_text()
     if command == "models":
-        assert isinstance(worker.parse_models_output(e["message"] for e in events if e.get("raw")), list)
+        stdout = [e["message"] for e in events if e.get("raw") and not e.get("stream")]
+        assert isinstance(models.parse_models_output(stdout), list)
 
 
-def test_worker_env_and_command_keep_the_current_directory_off_sys_path():
-    env = worker.worker_env({})
+def test_engine_env_and_command_keep_the_current_directory_off_sys_path():
+    env = engine_env({})
     assert env["PYTHONSAFEPATH"] == "1"
-    cmd = worker.with_safe_path(worker.serve_command(sys.executable))
+    cmd = with_safe_path(commands.serve_command(sys.executable))
     if sys.version_info >= (3, 11):
-        assert cmd[:4] == [sys.executable, "-P", "-m", worker.LIB_NAME]
-    assert worker.with_safe_path([sys.executable, "script.py"]) == [sys.executable, "script.py"]
-    assert worker.supports_safe_path(str(Path(sys.executable).parent / "no-such-python")) is False
-    assert Path(worker.safe_cwd()).is_dir() and Path(worker.safe_cwd()).resolve() != Path(os.getcwd()).resolve()
+        assert cmd[:4] == [sys.executable, "-P", "-m", LIB_NAME]
+    assert with_safe_path([sys.executable, "script.py"]) == [sys.executable, "script.py"]
+    assert supports_safe_path(str(Path(sys.executable).parent / "no-such-python")) is False
+    assert Path(safe_cwd()).is_dir() and Path(safe_cwd()).resolve() != Path(os.getcwd()).resolve()

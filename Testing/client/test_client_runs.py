@@ -1,4 +1,4 @@
-"""The Slicer panel's process handling, run for real against child processes (no Slicer needed)."""
+"""The Slicer panel's client of the engine, run for real against child processes (no Slicer needed)."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from KDSegmentationLib.client import worker
-from KDSegmentationLib.client.worker import WorkerProcess
+from KDSegmentationLib.client import commands, display, environment, models, resources, runs
+from KDSegmentationLib.client.process import LIB_PARENT, EngineProcess, engine_env
 
 POSIX = os.name != "nt"
 
 
-def _drain(w: WorkerProcess, timeout: float = 20.0, until=None):
+def _drain(w: EngineProcess, timeout: float = 20.0, until=None):
     """Poll like the panel's timer does, until the child is done (or ``until(events)`` holds)."""
     events = []
     deadline = time.monotonic() + timeout
@@ -30,7 +30,7 @@ def _drain(w: WorkerProcess, timeout: float = 20.0, until=None):
         if w.finished:
             return events
         time.sleep(0.02)
-    raise AssertionError(f"worker did not finish in {timeout} s; events so far: {events}")
+    raise AssertionError(f"engine process did not finish in {timeout} s; events so far: {events}")
 
 
 def _alive(pid: int) -> bool:
@@ -80,7 +80,7 @@ PROTOCOL_SCRIPT = """
 
 def test_protocol_lines_are_parsed_and_plain_lines_kept_as_log(tmp_path):
     script = _script(tmp_path, PROTOCOL_SCRIPT)
-    w = WorkerProcess([sys.executable, str(script), "out.seg.nrrd"], env=worker.worker_env()).start()
+    w = EngineProcess([sys.executable, str(script), "out.seg.nrrd"], env=engine_env()).start()
     events = _drain(w)
     assert w.returncode == 0
     kinds = [e["event"] for e in events]
@@ -92,7 +92,7 @@ def test_protocol_lines_are_parsed_and_plain_lines_kept_as_log(tmp_path):
     assert warning["message"] == "spacing looks odd"
     result = events[-1]
     assert result["event"] == "result" and result["path"] == "out.seg.nrrd"
-    assert worker.format_volumes(result) == "Liver: 1523.4 mL"
+    assert display.format_volumes(result) == "Liver: 1523.4 mL"
     assert w.wait(1) == 0 and w.poll_events() == []
 
 
@@ -103,7 +103,7 @@ def test_failing_run_reports_error_event_and_exit_code(tmp_path):
         print("kdseg: error: input x.nrrd does not exist", file=sys.stderr, flush=True)
         sys.exit(2)
     """)
-    w = WorkerProcess([sys.executable, str(script)], env=worker.worker_env()).start()
+    w = EngineProcess([sys.executable, str(script)], env=engine_env()).start()
     events = _drain(w)
     assert w.returncode == 2
     errors = [e for e in events if e["event"] == "error"]
@@ -124,7 +124,7 @@ GRANDCHILD_SCRIPT = """
 
 def test_cancel_mid_run_kills_the_whole_process_tree(tmp_path):
     script = _script(tmp_path, GRANDCHILD_SCRIPT)
-    w = WorkerProcess([sys.executable, str(script)], env=worker.worker_env()).start()
+    w = EngineProcess([sys.executable, str(script)], env=engine_env()).start()
     events = _drain(w, until=lambda ev: sum(e["event"] == "progress" for e in ev) >= 3)
     grandchild = next(int(e["message"].split()[-1]) for e in events
                       if str(e.get("message", "")).startswith("grandchild"))
@@ -134,7 +134,7 @@ def test_cancel_mid_run_kills_the_whole_process_tree(tmp_path):
     assert time.monotonic() - started < 10
     assert w.cancelled
     assert rc is not None and rc != 0
-    assert _wait_dead(w.pid), "worker still running after cancel"
+    assert _wait_dead(w.pid), "engine process still running after cancel"
     assert _wait_dead(grandchild), "grandchild survived cancel"
     _drain(w, timeout=5)  # the reader thread reaches EOF and the queue empties
     assert w.finished
@@ -151,7 +151,7 @@ def test_cancel_with_grace_lets_the_child_stop_cleanly(tmp_path):
         print(json.dumps({"event": "progress", "stage": "epoch", "fraction": 0.1}), flush=True)
         time.sleep(60)
     """)
-    w = WorkerProcess([sys.executable, str(script)], env=worker.worker_env()).start()
+    w = EngineProcess([sys.executable, str(script)], env=engine_env()).start()
     _drain(w, until=lambda ev: any(e["event"] == "progress" for e in ev))
     assert w.cancel(grace_s=10) == 143
     events = _drain(w, timeout=5)
@@ -162,18 +162,18 @@ def test_paths_with_spaces_and_non_ascii(tmp_path):
     folder = tmp_path / "dossier avec espaces é 肝臓"
     script = _script(folder, """
         import json, sys
-        import KDSegmentationLib.progress  # importable through worker_env's PYTHONPATH
+        import KDSegmentationLib.progress  # importable through engine_env's PYTHONPATH
         print(json.dumps({"event": "result", "path": sys.argv[1]}), flush=True)
     """, name="stand in é.py")
     target = str(folder / "résultat 1.seg.nrrd")
-    env = worker.worker_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    w = WorkerProcess([sys.executable, str(script), target], env=env, cwd=folder).start()
+    env = engine_env({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    w = EngineProcess([sys.executable, str(script), target], env=env, cwd=folder).start()
     events = _drain(w)
     assert w.returncode == 0, events
     assert events[-1] == {"event": "result", "path": target}
 
 
-def test_interactive_worker_takes_requests(tmp_path):
+def test_interactive_engine_process_takes_requests(tmp_path):
     script = _script(tmp_path, """
         import json, sys
         print(json.dumps({"event": "log", "level": "info", "message": "ready"}), flush=True)
@@ -181,27 +181,27 @@ def test_interactive_worker_takes_requests(tmp_path):
             req = json.loads(line)
             print(json.dumps({"event": "result", "id": req["id"], "path": req["output"]}), flush=True)
     """)
-    w = WorkerProcess([sys.executable, str(script)], env=worker.worker_env(), interactive=True).start()
-    w.send(worker.segment_request(1, "liver", "in.nrrd", "a.seg.nrrd"))
-    w.send(worker.segment_request(2, "lung_nodule", "in.nrrd", "b.seg.nrrd", seed_ras=(-1.5, 2, 3)))
+    w = EngineProcess([sys.executable, str(script)], env=engine_env(), interactive=True).start()
+    w.send(commands.segment_request(1, "liver", "in.nrrd", "a.seg.nrrd"))
+    w.send(commands.segment_request(2, "lung_nodule", "in.nrrd", "b.seg.nrrd", seed_ras=(-1.5, 2, 3)))
     events = _drain(w, until=lambda ev: sum(e["event"] == "result" for e in ev) == 2)
     assert [(e["id"], e["path"]) for e in events if e["event"] == "result"] == [(1, "a.seg.nrrd"), (2, "b.seg.nrrd")]
     w.close_input()
     assert w.wait(10) == 0
 
 
-def test_worker_env_puts_the_engine_first_and_keeps_output_unbuffered():
-    env = worker.worker_env({"PYTHONPATH": os.pathsep.join(["/elsewhere", str(worker.LIB_PARENT)]), "A": "1"},
+def test_engine_env_puts_the_engine_first_and_keeps_output_unbuffered():
+    env = engine_env({"PYTHONPATH": os.pathsep.join(["/elsewhere", str(LIB_PARENT)]), "A": "1"},
                             extra={"CUDA_VISIBLE_DEVICES": -1})
     parts = env["PYTHONPATH"].split(os.pathsep)
-    assert parts[0] == str(worker.LIB_PARENT) and parts.count(str(worker.LIB_PARENT)) == 1
+    assert parts[0] == str(LIB_PARENT) and parts.count(str(LIB_PARENT)) == 1
     assert "/elsewhere" in parts
     assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONIOENCODING"] == "utf-8"
     assert env["CUDA_VISIBLE_DEVICES"] == "-1" and env["A"] == "1"
 
 
 def test_command_lines():
-    cmd = worker.segment_command("/opt/Slicer dir/bin/PythonSlicer", "lung_nodule", "/tmp/a b/in.nrrd",
+    cmd = commands.segment_command("/opt/Slicer dir/bin/PythonSlicer", "lung_nodule", "/tmp/a b/in.nrrd",
                                  "/tmp/a b/out.seg.nrrd", model="teacher", device="cpu",
                                  seed_ras=(-56.37, -86.32, -115.99), threads=2)
     assert cmd[:3] == ["/opt/Slicer dir/bin/PythonSlicer", "-m", "KDSegmentationLib"]
@@ -210,13 +210,13 @@ def test_command_lines():
     assert "--seed-ras=-56.37,-86.32,-115.99" in cmd
     assert cmd[cmd.index("--progress") + 1] == "json"
     assert cmd[cmd.index("--threads") + 1] == "2"
-    d = worker.distill_command("py", "retina", "/m/t.kdseg.pt", "/d", "/o/s.kdseg.pt", unlabeled="/u",
+    d = commands.distill_command("py", "retina", "/m/t.kdseg.pt", "/d", "/o/s.kdseg.pt", unlabeled="/u",
                                alpha=0.5, temperature=2, max_minutes=10, epochs=0)
     assert d[3] == "distill" and "--unlabeled=/u" in d and "--epochs" not in d
     assert d[d.index("--alpha") + 1] == "0.5" and d[d.index("--temperature") + 1] == "2.0"
     assert d[d.index("--max-minutes") + 1] == "10.0"
-    assert worker.models_list_command("py")[3:] == ["models", "list", "--json"]
-    assert worker.serve_command("py", threads=3)[3:] == ["serve", "--threads", "3"]
+    assert commands.models_list_command("py")[3:] == ["models", "list", "--json"]
+    assert commands.serve_command("py", threads=3)[3:] == ["serve", "--threads", "3"]
 
 
 def _cli_parser():
@@ -229,7 +229,7 @@ def _cli_parser():
 
 def test_segment_command_matches_the_command_line_contract():
     parser = _cli_parser()
-    cmd = worker.segment_command("py", "lung_nodule", "/in dir/é.nrrd", "/out/x.seg.nrrd", device="cuda",
+    cmd = commands.segment_command("py", "lung_nodule", "/in dir/é.nrrd", "/out/x.seg.nrrd", device="cuda",
                                  seed_ras=(-56.37, -86.32, -115.99))
     args = parser.parse_args(cmd[3:])
     assert (args.task, args.input, args.output, args.device, args.progress) == (
@@ -243,11 +243,12 @@ def test_models_list_through_the_real_command_line(tmp_path):
     _cli_parser()
     if importlib.util.find_spec("KDSegmentationLib.models.catalog") is None:
         pytest.skip("KDSegmentationLib.models.catalog (behind 'kdseg models list') is not written yet")
-    env = worker.worker_env(extra={"KDSEG_USER_MODELS": str(tmp_path / "user models")})
-    w = WorkerProcess(worker.models_list_command(sys.executable), env=env).start()
+    env = engine_env(extra={"KDSEG_USER_MODELS": str(tmp_path / "user models")})
+    w = EngineProcess(commands.models_list_command(sys.executable), env=env, merge_stderr=False,
+                      read_events=False).start()
     events = _drain(w, timeout=120)
     assert w.returncode == 0, events
-    entries = worker.parse_models_output(e["message"] for e in events if e.get("raw"))
+    entries = models.parse_models_output(e["message"] for e in events if e.get("raw") and not e.get("stream"))
     assert isinstance(entries, list)
     for entry in entries:
         assert {"name", "task"} <= set(entry)
@@ -259,50 +260,50 @@ def test_models_list_through_the_real_command_line(tmp_path):
 
 def test_format_volumes_for_each_task():
     liver = {"event": "result", "segments": {"Liver": {"volume_ml": 1523.449}, "Liver tumor": {"volume_ml": 0.0}}}
-    assert worker.format_volumes(liver) == "Liver: 1523.4 mL\nLiver tumor: 0.0 mL"
+    assert display.format_volumes(liver) == "Liver: 1523.4 mL\nLiver tumor: 0.0 mL"
     nodule = {"segments": {"Lung nodule": {"volume_ml": 0.5234, "longest_axial_diameter_mm": 11.26,
                                            "max_3d_diameter_mm": 13.04}},
               "warnings": ["seed is near the image border"]}
-    assert worker.format_volumes(nodule) == ("Lung nodule: 0.5 mL, longest axial diameter (RECIST) 11.3 mm, "
+    assert display.format_volumes(nodule) == ("Lung nodule: 0.5 mL, longest axial diameter (RECIST) 11.3 mm, "
                                              "maximum 3D diameter 13.0 mm\n"
                                              "Warning: seed is near the image border")
     retina = {"segments": {"Retinal vessels": {"area_px": 30211, "fraction_of_fov": 0.1123}}}
-    assert worker.format_volumes(retina) == "Retinal vessels: 30211 px (11.2% of the field of view)"
-    assert worker.format_volumes({"segments": {}}) == "No segment found."
-    assert worker.format_volumes(None) == ""
+    assert display.format_volumes(retina) == "Retinal vessels: 30211 px (11.2% of the field of view)"
+    assert display.format_volumes({"segments": {}}) == "No segment found."
+    assert display.format_volumes(None) == ""
 
 
 def test_progress_and_time_text():
-    assert worker.describe_progress({"stage": "sliding_window", "fraction": 0.424}) == "Sliding window 42%"
-    assert worker.describe_progress({"stage": "reading"}) == "Reading"
-    assert worker.format_elapsed(7.4) == "0:07"
-    assert worker.format_elapsed(3725) == "1:02:05"
+    assert display.describe_progress({"stage": "sliding_window", "fraction": 0.424}) == "Sliding window 42%"
+    assert display.describe_progress({"stage": "reading"}) == "Reading"
+    assert display.format_elapsed(7.4) == "0:07"
+    assert display.format_elapsed(3725) == "1:02:05"
 
 
 def test_gpu_oom_detection():
-    assert worker.is_gpu_oom("internal error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
-    assert worker.is_gpu_oom("RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
+    assert runs.is_gpu_oom("internal error: OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
+    assert runs.is_gpu_oom("RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED")
     # the engine's CPU out-of-memory message mentions --device cuda: that is not a GPU failure
-    assert not worker.is_gpu_oom("out of memory; use a machine with more memory, a smaller image, or --device cuda")
-    assert not worker.is_gpu_oom(None)
+    assert not runs.is_gpu_oom("out of memory; use a machine with more memory, a smaller image, or --device cuda")
+    assert not runs.is_gpu_oom(None)
 
 
 def test_metric_history():
-    h = worker.MetricHistory()
+    h = display.MetricHistory()
     assert h.add({"event": "metric", "step": 10, "epoch": 1, "loss": 0.9})
     assert h.add({"event": "metric", "step": 20, "loss": 0.7, "val_dice": 0.55})
     assert not h.add({"event": "metric", "step": 30, "eta_s": 12})
     assert (h.loss_x, h.loss, h.dice_x, h.dice) == ([10.0, 20.0], [0.9, 0.7], [20.0], [0.55])
-    assert worker.format_metric({"event": "metric", "step": 2, "loss": 0.123456}) == "step=2 loss=0.1235"
+    assert display.format_metric({"event": "metric", "step": 2, "loss": 0.123456}) == "step=2 loss=0.1235"
 
 
 def test_next_model_path_never_overwrites(tmp_path):
-    assert worker.next_model_path(tmp_path / "missing", "liver").name == "liver_student_local_v1.kdseg.pt"
+    assert models.next_model_path(tmp_path / "missing", "liver").name == "liver_student_local_v1.kdseg.pt"
     (tmp_path / "liver_student_local_v1.kdseg.pt").write_bytes(b"x")
     (tmp_path / "liver_student_local_v7.kdseg.pt").write_bytes(b"x")
     (tmp_path / "retina_student_local_v9.kdseg.pt").write_bytes(b"x")
-    assert worker.next_model_path(tmp_path, "liver").name == "liver_student_local_v8.kdseg.pt"
-    assert worker.next_model_path(tmp_path, "retina").name == "retina_student_local_v10.kdseg.pt"
+    assert models.next_model_path(tmp_path, "liver").name == "liver_student_local_v8.kdseg.pt"
+    assert models.next_model_path(tmp_path, "retina").name == "retina_student_local_v10.kdseg.pt"
 
 
 def test_models_output_choices_card_and_delete(tmp_path):
@@ -321,16 +322,20 @@ def test_models_output_choices_card_and_delete(tmp_path):
          "card": {"data": "12 local CTs", "metrics": {"dice": 0.91}, "speed": "1.2 s on CPU"}},
     ]
     lines = json.dumps(entries, indent=2).splitlines()
-    assert worker.parse_models_output(lines) == entries
-    assert worker.parse_models_output([]) == []
-    choices = worker.model_choices(entries, "liver")
+    assert models.parse_models_output(lines) == entries
+    assert models.parse_models_output(json.dumps(entries)) == entries
+    for bad in ([], ["", "  "], ["warning: something", "[]"], ["[]", "[]"], ['{"name": "x"}'], ["[1, 2]"],
+                ["[{"]):
+        with pytest.raises(ValueError):
+            models.parse_models_output(bad)
+    choices = models.model_choices(entries, "liver")
     assert [v for _, v in choices] == ["student", "teacher", str(model)]
-    assert [v for _, v in worker.model_choices(entries, "retina")] == ["student", "teacher"]
-    card = worker.model_card_text(entries[1])
+    assert [v for _, v in models.model_choices(entries, "retina")] == ["student", "teacher"]
+    card = models.model_card_text(entries[1])
     assert "Data: 12 local CTs" in card and "Metrics: dice 0.91" in card and "Speed: 1.2 s on CPU" in card
     with pytest.raises(ValueError):
-        worker.delete_user_model(entries[0], user)
-    removed = worker.delete_user_model(entries[1], user)
+        models.delete_user_model(entries[0], user)
+    removed = models.delete_user_model(entries[1], user)
     assert sorted(p.name for p in removed) == ["liver_student_local_v2.json", "liver_student_local_v2.kdseg.pt",
                                                "liver_student_local_v2.png"]
     assert keep.exists()
@@ -338,16 +343,16 @@ def test_models_output_choices_card_and_delete(tmp_path):
 
 def test_missing_requirements_reads_metadata_only():
     versions = {"monai": "1.2.0", "pynrrd": "1.0.0", "slicerio": None, "tqdm": "4.66.1"}
-    missing = worker.missing_requirements(worker.SLICER_REQUIREMENTS, version_of=versions.get)
+    missing = environment.missing_requirements(environment.SLICER_REQUIREMENTS, version_of=versions.get)
     assert missing == ["monai>=1.3", "slicerio>=1.1"]
-    assert worker.missing_requirements(["numpy"], version_of=lambda n: "2.0.1") == []
-    assert worker.missing_requirements(["monai>=1.3"], version_of=lambda n: "1.3.0rc1") == []
+    assert environment.missing_requirements(["numpy"], version_of=lambda n: "2.0.1") == []
+    assert environment.missing_requirements(["monai>=1.3"], version_of=lambda n: "1.3.0rc1") == []
     with pytest.raises(ValueError):
-        worker.missing_requirements(["monai==1.3"], version_of=lambda n: "1.3")
+        environment.missing_requirements(["monai==1.3"], version_of=lambda n: "1.3")
 
 
 def test_bundled_samples_are_found(repo_root):
-    samples = worker.find_samples(repo_root / "Resources" / "Samples")
+    samples = resources.find_samples(repo_root / "Resources" / "Samples")
     tasks = {s["task"] for s in samples}
     assert tasks, "no bundled samples found"
     for s in samples:
@@ -362,17 +367,17 @@ def test_terminology_files_and_safe_names(tmp_path):
     (tmp_path / "a.term.json").write_text(json.dumps({"SegmentationCategoryTypeContextName": "x"}))
     (tmp_path / "b.json").write_text(json.dumps({"AnatomicContextName": "y"}))
     (tmp_path / "c.json").write_text("not json")
-    kinds = {Path(p).name: k for p, k in worker.terminology_files(tmp_path)}
+    kinds = {Path(p).name: k for p, k in resources.terminology_files(tmp_path)}
     assert kinds == {"a.term.json": "category", "b.json": "anatomic"}
-    assert worker.safe_name("CT chest: 1/2 é") == "CT_chest_1_2_é"
-    assert worker.safe_name("///") == "case"
+    assert resources.safe_name("CT chest: 1/2 é") == "CT_chest_1_2_é"
+    assert resources.safe_name("///") == "case"
 
 
-def test_worker_module_stays_light():
-    code = ("import sys; import KDSegmentationLib.client.worker; "
+def test_client_package_stays_light():
+    code = ("import sys; import KDSegmentationLib.client; "
             "heavy = [m for m in ('torch', 'monai', 'SimpleITK', 'numpy') if m in sys.modules]; "
             "print(','.join(heavy))")
-    out = subprocess.run([sys.executable, "-c", code], env=worker.worker_env(), capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code], env=engine_env(), capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
 
@@ -449,7 +454,7 @@ elif cmd == "distill":
 
 @pytest.fixture
 def engine(tmp_path):
-    """A RunManager whose worker is a stand-in engine; ``engine.mode = ...`` picks its behaviour."""
+    """A RunManager whose engine is a stand-in; ``engine.mode = ...`` picks its behaviour."""
     package = tmp_path / "fake engine é" / "KDSegmentationLib"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
@@ -460,11 +465,11 @@ def engine(tmp_path):
 
     state = Engine()
     def env():
-        e = worker.worker_env(extra={"FAKE_MODE": state.mode})
+        e = engine_env(extra={"FAKE_MODE": state.mode})
         e["PYTHONPATH"] = str(package.parent)  # the stand-in instead of the real engine
         return e
 
-    manager = worker.RunManager(python_executable=lambda: sys.executable, env=env)
+    manager = runs.RunManager(python_executable=lambda: sys.executable, env=env)
     state.manager = manager
     state.tmp = tmp_path
     yield state
@@ -472,8 +477,8 @@ def engine(tmp_path):
 
 
 def _segment_run(engine, keep, device="auto", log=None):
-    run = worker.Run("segment", log_callback=log)
-    run.task, run.device, run.use_warm_worker = "liver", device, keep
+    run = runs.Run("segment", log_callback=log)
+    run.task, run.device, run.use_persistent = "liver", device, keep
     run.temp_dir = tempfile.mkdtemp(dir=engine.tmp)
     run.input_path = os.path.join(run.temp_dir, "input.nrrd")
     Path(run.input_path).write_text("img")
@@ -494,7 +499,7 @@ def test_run_manager_segments_and_cleans_up(engine, keep):
     if keep:
         second = engine.manager.wait(_segment_run(engine, keep), timeout_s=30)
         assert second.status == "succeeded"
-        assert second.result["pid"] == run.result["pid"], "the persistent worker was not reused"
+        assert second.result["pid"] == run.result["pid"], "the persistent engine process was not reused"
 
 
 @pytest.mark.parametrize("keep", [False, True], ids=["one-shot", "persistent"])
@@ -534,35 +539,35 @@ def test_run_manager_cancel_kills_and_cleans_up(engine, keep):
         engine.manager.poll()
         time.sleep(0.02)
     assert run.stage.startswith("Inference")
-    pid, temp_dir = run.worker.pid, run.temp_dir
+    pid, temp_dir = run.process.pid, run.temp_dir
     engine.manager.cancel(run)
     assert run.status == "cancelled" and not engine.manager.active
     assert _wait_dead(pid) and not os.path.exists(temp_dir)
 
 
-def test_run_manager_falls_back_when_the_persistent_worker_is_missing(engine):
+def test_run_manager_falls_back_when_the_persistent_mode_is_missing(engine):
     engine.mode = "noserve"
     logs = []
     run = engine.manager.wait(_segment_run(engine, True, log=lambda m, lvl: logs.append(m)), timeout_s=30)
-    assert run.status == "succeeded" and run.warm_fallback_tried and not run.warm
+    assert run.status == "succeeded" and run.persistent_fallback_tried and not run.persistent
     assert any("running this segmentation in a new process" in m for m in logs)
     again = engine.manager.wait(_segment_run(engine, True), timeout_s=30)
-    assert again.status == "succeeded" and not again.use_warm_worker  # not tried again
+    assert again.status == "succeeded" and not again.use_persistent  # not tried again
 
 
 def test_run_manager_lists_models_and_distils_with_metrics(engine, tmp_path):
-    models = worker.Run("models")
-    engine.manager.start_command(models, worker.models_list_command(sys.executable))
-    engine.manager.wait(models, timeout_s=30)
-    assert models.status == "succeeded" and models.result[0]["name"] == "liver_student"
+    listing = runs.Run("models")
+    engine.manager.start_command(listing, commands.models_list_command(sys.executable))
+    engine.manager.wait(listing, timeout_s=30)
+    assert listing.status == "succeeded" and listing.result[0]["name"] == "liver_student"
 
     plotted = []
     engine.manager.on_metric = lambda run: plotted.append(len(run.metrics.loss))
-    output = worker.next_model_path(tmp_path / "user models", "liver")
+    output = models.next_model_path(tmp_path / "user models", "liver")
     output.parent.mkdir()
-    run = worker.Run("distill")
+    run = runs.Run("distill")
     run.model_path = output
-    engine.manager.start_command(run, worker.distill_command(sys.executable, "liver", "t.kdseg.pt", tmp_path,
+    engine.manager.start_command(run, commands.distill_command(sys.executable, "liver", "t.kdseg.pt", tmp_path,
                                                              output, epochs=2))
     engine.manager.wait(run, timeout_s=30)
     assert run.status == "succeeded" and run.message == "New model: liver_student_local_v1.kdseg.pt"
@@ -575,8 +580,8 @@ def test_run_manager_lists_models_and_distils_with_metrics(engine, tmp_path):
 def test_run_manager_stops_a_distillation_cleanly(engine, tmp_path):
     engine.mode = "slow"
     logs = []
-    run = worker.Run("distill", log_callback=lambda m, lvl: logs.append(m))
-    engine.manager.start_command(run, worker.distill_command(sys.executable, "liver", "t", tmp_path,
+    run = runs.Run("distill", log_callback=lambda m, lvl: logs.append(m))
+    engine.manager.start_command(run, commands.distill_command(sys.executable, "liver", "t", tmp_path,
                                                              tmp_path / "x.kdseg.pt", max_minutes=5))
     deadline = time.monotonic() + 20
     while not run.metrics.loss and time.monotonic() < deadline:
