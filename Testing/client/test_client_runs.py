@@ -293,6 +293,8 @@ def test_metric_history():
     assert h.add({"event": "metric", "step": 10, "epoch": 1, "loss": 0.9})
     assert h.add({"event": "metric", "step": 20, "loss": 0.7, "val_dice": 0.55})
     assert not h.add({"event": "metric", "step": 30, "eta_s": 12})
+    # only the keys training writes are plotted
+    assert not h.add({"event": "metric", "step": 40, "train_loss": 0.3, "dice": 0.9, "validation_dice": 0.9})
     assert (h.loss_x, h.loss, h.dice_x, h.dice) == ([10.0, 20.0], [0.9, 0.7], [20.0], [0.55])
     assert display.format_metric({"event": "metric", "step": 2, "loss": 0.123456}) == "step=2 loss=0.1235"
 
@@ -436,6 +438,9 @@ elif cmd == "segment":
         emit(event="error", message=err)
         sys.exit(2 if mode == "fail" else 1)
 elif cmd == "models":
+    print("UserWarning: a library talks on stderr", file=sys.stderr, flush=True)
+    if mode == "badmodels":
+        print("loading models...", flush=True)
     print(json.dumps([{"name": "liver_student", "task": "liver", "role": "student", "source": "shipped",
                        "path": "/m/liver_student.kdseg.pt", "card": {}}], indent=2))
 elif cmd == "distill":
@@ -574,6 +579,17 @@ def test_run_manager_lists_models_and_distils_with_metrics(engine, tmp_path):
     assert run.model_path == output and output.is_file()
     assert run.metrics.loss == [1.0, 0.5, 1 / 3, 0.25, 0.2] and len(run.metrics.dice) == 2
     assert plotted and plotted[-1] == 5  # the last call sees every point
+
+
+def test_run_manager_refuses_a_model_list_that_is_not_one_json_document(engine):
+    engine.mode = "badmodels"
+    logs = []
+    listing = runs.Run("models", log_callback=lambda m, lvl: logs.append(m))
+    engine.manager.start_command(listing, commands.models_list_command(sys.executable))
+    engine.manager.wait(listing, timeout_s=30)
+    assert listing.status == "failed" and "model list is not JSON" in listing.message
+    assert "loading models..." in listing.message
+    assert "UserWarning: a library talks on stderr" in logs  # stderr is logged, never parsed
 
 
 @pytest.mark.skipif(not POSIX, reason="a clean stop is SIGTERM on POSIX")
