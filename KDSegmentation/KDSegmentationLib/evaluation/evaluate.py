@@ -127,7 +127,7 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
     import SimpleITK as sitk
 
     from KDSegmentationLib.training.datasets import _ct_label_image, _read_mask_2d, _read_sitk
-    from KDSegmentationLib.io.images import check_image_for_task
+    from KDSegmentationLib.io.suitability import check_image_for_task
     from KDSegmentationLib.inference.segment import segment_image
     from KDSegmentationLib.evaluation.metrics import segmentation_metrics
 

@@ -9,6 +9,7 @@ from PIL import Image
 from conftest import require
 from KDSegmentationLib import tasks
 from KDSegmentationLib.io import images as imageio
+from KDSegmentationLib.io import suitability
 from KDSegmentationLib.errors import InputError
 
 
@@ -156,47 +157,47 @@ def test_real_dicom_series_matches_reference_grid(shared_data):
     np.testing.assert_allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(img.GetDirection(), ref.GetDirection(), atol=1e-6)
     assert len(warnings) == 1 and "dicom-00001.dcm" in warnings[0]
-    assert imageio.check_image_for_task(img, tasks.LIVER) == []
+    assert suitability.check_image_for_task(img, tasks.LIVER) == []
 
 
 # -- checks against a task ---------------------------------------------------------------------------------------------
 def test_ct_accepted_with_padding_values():
     img = _ct(lo=-3024, hi=2500)
-    assert imageio.check_image_for_task(img, tasks.LIVER) == []
-    assert isinstance(imageio.check_image_for_task(img, tasks.LUNG_NODULE), list)
+    assert suitability.check_image_for_task(img, tasks.LIVER) == []
+    assert isinstance(suitability.check_image_for_task(img, tasks.LUNG_NODULE), list)
 
 
 def test_photo_given_to_ct_task_and_volume_given_to_retina():
     photo = imageio.array_to_photo(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
     with pytest.raises(InputError, match="2D image"):
-        imageio.check_image_for_task(photo, tasks.LIVER)
-    assert imageio.check_image_for_task(photo, tasks.RETINA) == []
+        suitability.check_image_for_task(photo, tasks.LIVER)
+    assert suitability.check_image_for_task(photo, tasks.RETINA) == []
     with pytest.raises(InputError, match="3D volume"):
-        imageio.check_image_for_task(_ct(), tasks.RETINA)
+        suitability.check_image_for_task(_ct(), tasks.RETINA)
     # Slicer's single-slice RGB volume of a photo is fine for retina
-    assert imageio.check_image_for_task(sitk.JoinSeries([photo]), tasks.RETINA) == []
+    assert suitability.check_image_for_task(sitk.JoinSeries([photo]), tasks.RETINA) == []
 
 
 def test_4d_and_multicomponent_ct_refused():
     four = sitk.Image([8, 8, 4, 3], sitk.sitkInt16)
     with pytest.raises(InputError, match="4D"):
-        imageio.check_image_for_task(four, tasks.LIVER)
+        suitability.check_image_for_task(four, tasks.LIVER)
     rgb_vol = sitk.Image([8, 8, 4], sitk.sitkVectorInt16, 3)
     with pytest.raises(InputError, match="components"):
-        imageio.check_image_for_task(rgb_vol, tasks.LIVER)
+        suitability.check_image_for_task(rgb_vol, tasks.LIVER)
 
 
 def test_constant_and_nan_refused():
     flat = sitk.Image([16, 16, 8], sitk.sitkInt16) - 1000
     with pytest.raises(InputError, match="empty"):
-        imageio.check_image_for_task(flat, tasks.LIVER)
+        suitability.check_image_for_task(flat, tasks.LIVER)
     arr = sitk.GetArrayFromImage(_ct()).astype(np.float32)
     arr[3, 4, 5] = np.nan
     with pytest.raises(InputError, match="NaN"):
-        imageio.check_image_for_task(sitk.GetImageFromArray(arr), tasks.LIVER)
+        suitability.check_image_for_task(sitk.GetImageFromArray(arr), tasks.LIVER)
     arr[3, 4, 5] = np.inf
     with pytest.raises(InputError, match="NaN or infinite"):
-        imageio.check_image_for_task(sitk.GetImageFromArray(arr), tasks.LIVER)
+        suitability.check_image_for_task(sitk.GetImageFromArray(arr), tasks.LIVER)
 
 
 @pytest.mark.parametrize("lo,hi,what", [(0, 255, "8-bit"), (0, 1800, "not CT"), (-1.0, 1.0, "not CT"),
@@ -204,33 +205,33 @@ def test_constant_and_nan_refused():
 def test_non_ct_intensities_refused(lo, hi, what):
     img = sitk.GetImageFromArray(np.linspace(lo, hi, 16 * 16 * 8, dtype=np.float32).reshape(8, 16, 16))
     with pytest.raises(InputError, match=what):
-        imageio.check_image_for_task(img, tasks.LIVER)
+        suitability.check_image_for_task(img, tasks.LIVER)
 
 
 def test_too_large_reports_estimate():
     img = _ct(size=(64, 64, 32))
     with pytest.raises(InputError, match=r"too large .*GB") as info:
-        imageio.check_image_for_task(img, tasks.LIVER, max_voxels=10_000)
+        suitability.check_image_for_task(img, tasks.LIVER, max_voxels=10_000)
     assert "131,072 voxels" in str(info.value)
-    assert imageio.estimate_memory_bytes(img, tasks.LIVER) == 64 * 64 * 32 * 4 * (2 + 3)
+    assert suitability.estimate_memory_bytes(img, tasks.LIVER) == 64 * 64 * 32 * 4 * (2 + 3)
 
 
 def test_single_slice_ct_refused_for_3d_task():
     img = _ct(size=(32, 32, 1))
     with pytest.raises(InputError, match="single slice"):
-        imageio.check_image_for_task(img, tasks.LIVER)
+        suitability.check_image_for_task(img, tasks.LIVER)
 
 
 def test_real_inputs_pass_their_task_checks(shared_data):
     ct = imageio.read_image(require(shared_data / "liver" / "TotalSegmentator_example" / "example_ct_sm.nii.gz"))
-    assert imageio.check_image_for_task(ct, tasks.LIVER) == []
+    assert suitability.check_image_for_task(ct, tasks.LIVER) == []
     slab = imageio.read_image(require(shared_data / "lung" / "LIDC-IDRI_c2c_slabs" / "LIDC-IDRI-0001" / "ct.nii.gz"))
-    assert imageio.check_image_for_task(slab, tasks.LUNG_NODULE) == []
+    assert suitability.check_image_for_task(slab, tasks.LUNG_NODULE) == []
     drive = imageio.read_image(require(shared_data / "retina" / "DRIVE" / "test" / "images" / "01_test.tif"))
     assert drive.GetSize() == (565, 584) and drive.GetNumberOfComponentsPerPixel() == 3
-    assert imageio.check_image_for_task(drive, tasks.RETINA) == []
+    assert suitability.check_image_for_task(drive, tasks.RETINA) == []
     with pytest.raises(InputError):
-        imageio.check_image_for_task(drive, tasks.LIVER)
+        suitability.check_image_for_task(drive, tasks.LIVER)
     chase = imageio.read_image(require(shared_data / "retina" / "CHASE_DB1" / "images" / "Image_01L.jpg"))
     assert chase.GetSize() == (999, 960)
     # an 8-bit nodule crop (LIDC slices are windowed PNGs) is refused for a CT task
@@ -238,7 +239,7 @@ def test_real_inputs_pass_their_task_checks(shared_data):
     if crop is not None:
         vol = sitk.JoinSeries([sitk.VectorIndexSelectionCast(imageio.read_image(crop), 0)] * 4)
         with pytest.raises(InputError, match="8-bit"):
-            imageio.check_image_for_task(vol, tasks.LUNG_NODULE)
+            suitability.check_image_for_task(vol, tasks.LUNG_NODULE)
 
 
 def test_io_modules_do_not_import_torch():

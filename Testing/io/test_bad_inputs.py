@@ -24,6 +24,7 @@ from PIL import Image
 from conftest import LIB_PARENT
 from KDSegmentationLib import tasks
 from KDSegmentationLib.io import images as imageio
+from KDSegmentationLib.io import suitability
 from KDSegmentationLib.errors import InputError
 
 TASKS = {"liver": tasks.LIVER, "lung_nodule": tasks.LUNG_NODULE, "retina": tasks.RETINA}
@@ -228,7 +229,7 @@ def _read_and_check(path: Path, task, timeout=60.0):
         warnings = []
         try:
             img = imageio.read_image(path, warn=warnings.append)
-            warnings += imageio.check_image_for_task(img, task)
+            warnings += suitability.check_image_for_task(img, task)
             out["result"] = (warnings, None)
         except InputError as exc:
             out["result"] = (warnings, exc)
@@ -354,7 +355,7 @@ def test_float_nifti_with_zeros_but_finite_is_accepted(tmp_path):
     arr[2, 3, 4] = 0.0
     for ext in (".nii.gz", ".nii"):
         img = imageio.read_image(_write(_ct(arr=arr), tmp_path / f"f{ext}"))
-        assert imageio.check_image_for_task(img, tasks.LIVER) == []
+        assert suitability.check_image_for_task(img, tasks.LIVER) == []
 
 
 def test_dicom_stray_and_localiser_still_left_out_with_warning(tmp_path):
