@@ -117,7 +117,7 @@ def evaluate(model_path: Path, cases, task, device) -> Dict[str, float]:
     from KDSegmentationLib.training import datasets as ds
     from KDSegmentationLib.evaluation.metrics import segmentation_metrics
     from KDSegmentationLib.models.files import load_model
-    from KDSegmentationLib.training.trainer import predict_labels
+    from KDSegmentationLib.training.validation import predict_labels
 
     net = load_model(model_path, device=str(device)).network
     labels = {lab.value: lab.name for lab in task.labels}
@@ -147,7 +147,10 @@ def run(args) -> Dict:
     import torch
 
     from KDSegmentationLib.tasks import get_task
-    from KDSegmentationLib.training.trainer import TrainConfig, pick_device, train
+    from KDSegmentationLib.inference.device import pick_device
+    from KDSegmentationLib.io.atomic import write_bytes
+    from KDSegmentationLib.training.config import TrainConfig
+    from KDSegmentationLib.training.trainer import train
 
     task = get_task(args.task)
     out = Path(args.out)
@@ -185,8 +188,8 @@ def run(args) -> Dict:
               "budget": {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
                          "batch_size": args.batch_size, "patch": patch},
               "alpha": args.alpha, "temperature": args.temperature, "runs": runs, "table": table}
-    (out / "ablation.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    (out / "ablation.md").write_text(markdown(result, task), encoding="utf-8")
+    write_bytes(out / "ablation.json", json.dumps(result, indent=1).encode("utf-8"))
+    write_bytes(out / "ablation.md", markdown(result, task).encode("utf-8"))
     return result
 
 

@@ -85,8 +85,8 @@ ablation() {   # TASK: same student, same (short) budget and seeds, with and wit
   done
 }
 local_distill() {   # local distillation: the shipped retina student adapts to another camera from unlabelled photographs
-  kd retina_student_local_chase distill --task retina $RET $KD --seed 0 --unlabeled "$DATA/CHASE" \
-     --unlabeled-fraction 0.5 --init "$OUT/retina_student.kdseg.pt" --teacher "$OUT/retina_teacher.kdseg.pt" \
+  kd retina_student_local_chase distill --task retina $RET $KD --seed 0 --unlabelled "$DATA/CHASE" \
+     --unlabelled-fraction 0.5 --init "$OUT/retina_student.kdseg.pt" --teacher "$OUT/retina_teacher.kdseg.pt" \
      --max-minutes "$(m 3)" --lr 5e-4 --output "$OUT/retina_student_local_chase.kdseg.pt"
 }
 calibrate() {   # ORIGINAL_DATA_ROOT (retina/DRIVE, lung/LIDC-IDRI-slices): decision thresholds on each model's

@@ -248,7 +248,8 @@ def test_training_from_a_cache_never_imports_simpleitk(tmp_path):
     code = f"""
 import sys
 sys.modules['SimpleITK'] = None  # any import of it now fails
-from KDSegmentationLib.training.trainer import TrainConfig, train
+from KDSegmentationLib.training.config import TrainConfig
+from KDSegmentationLib.training.trainer import train
 train(TrainConfig(task='retina', data={str(tmp_path / 'cache')!r}, output={str(tmp_path / 'm.kdseg.pt')!r},
                   role='teacher', steps=2, batch_size=2, patch=(32, 32), val_fraction=0,
                   arch_args={{'filters': [4, 8, 16]}}))

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.training.losses import (LOSSES, CompositeLoss, Distiller, build_losses, channel_wise_kl, kl_per_voxel,
-                                      parse_loss_spec)
+from KDSegmentationLib.training.distiller import Distiller
+from KDSegmentationLib.training.losses import (LOSSES, CompositeLoss, build_losses, channel_wise_kl, kl_per_voxel,
+                                               parse_loss_spec)
 from KDSegmentationLib.models.networks import build_network
 
 CH_S = {"enc1": 4, "bottleneck": 6, "dec1": 4}

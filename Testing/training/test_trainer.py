@@ -21,7 +21,9 @@ from KDSegmentationLib.errors import CancelledError, InputError
 from KDSegmentationLib.models.files import load_model, read_header
 from KDSegmentationLib.progress import Progress, parse_event
 from KDSegmentationLib.tasks import get_task
-from KDSegmentationLib.training.trainer import TrainConfig, dice_per_label, predict_labels, train
+from KDSegmentationLib.training.config import TrainConfig
+from KDSegmentationLib.training.trainer import train
+from KDSegmentationLib.training.validation import dice_per_label, predict_labels
 
 from conftest import LIB_PARENT, require
 
@@ -228,10 +230,10 @@ def test_existing_output_without_overwrite_exits_2(small_drive, teacher, tmp_pat
 
 
 def test_local_distillation_on_unlabelled_images(small_drive, teacher, tmp_path, monkeypatch):
-    """--unlabeled without --data and without --output: the student learns from the teacher alone, is validated
+    """--unlabelled without --data and without --output: the student learns from the teacher alone, is validated
     against the teacher, and lands as a new version in the user's model folder."""
     monkeypatch.setenv("KDSEG_USER_MODELS", str(tmp_path / "models"))
-    cfg = dict(task="retina", data=None, unlabeled=str(small_drive), output=None, teacher=str(teacher),
+    cfg = dict(task="retina", data=None, unlabelled=str(small_drive), output=None, teacher=str(teacher),
                steps=3, batch_size=4, patch=(32, 32), device="cpu", workers=0, log_every=1)
     first = train(TrainConfig(**cfg))
     second = train(TrainConfig(**cfg))
@@ -239,7 +241,7 @@ def test_local_distillation_on_unlabelled_images(small_drive, teacher, tmp_path,
     header = read_header(second)
     assert header["version"] == "local-v2" and header["card"]["version"]["model"] == "local-v2"
     card = header["card"]
-    assert card["split"]["unlabeled_cases"] and not card["split"]["train_cases"]
+    assert card["split"]["unlabelled_cases"] and not card["split"]["train_cases"]
     assert card["split"]["val_cases_vs_teacher"] and "teacher" in card["metrics"]["validation"]["metric"]
 
 

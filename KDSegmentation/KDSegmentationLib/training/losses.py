@@ -1,4 +1,4 @@
-"""Distillation losses: a registry of named losses, combined by weight, and the Distiller that runs a training step.
+"""Distillation losses: a registry of named losses, combined by weight (``distiller.Distiller`` runs them).
 
 Every loss is an ``nn.Module`` with one signature::
 
@@ -18,8 +18,7 @@ are always detached: no gradient ever reaches the teacher.
 Combine losses by name: ``build_losses("kd=1.0,hint=0.5", alpha=0.5, temperature=2.0, student_channels=...,
 teacher_channels=..., spatial_dims=2)``; the common keyword arguments go to every loss that accepts them (by name),
 per-loss options go in a dict spec: ``{"kd": 1.0, "cwd": {"weight": 0.5, "tau": 4.0}}`` (or the same as JSON text).
-Designs follow torchdistill (losses in a registry, chosen by name) and mdistiller (a Distiller returning the logits
-and a dict of named losses, teacher always in eval mode); the code is original.
+Design after torchdistill (losses in a registry, chosen by name); the code is original.
 """
 from __future__ import annotations
 
@@ -27,7 +26,7 @@ import inspect
 import json
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -379,7 +378,7 @@ class CompositeLoss(nn.Module):
     """Weighted sum of named losses. ``forward(...) -> (total, {name: detached unweighted value})``.
 
     It is an ``nn.Module``: its ``parameters()`` are the adapters of the feature losses, which the trainer must
-    optimise together with the student (``Distiller.trainable_parameters()`` does that).
+    optimise together with the student (``distiller.Distiller.trainable_parameters()`` does that).
     """
 
     def __init__(self, losses: Mapping[str, DistillLoss], weights: Mapping[str, float]):
@@ -469,59 +468,6 @@ def build_losses(spec: Union[str, Mapping[str, Any]], **common: Any) -> Composit
     return CompositeLoss(losses, weights)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# distiller
-
-class Distiller(nn.Module):
-    """Student + frozen teacher + losses; one call computes a training step's loss.
-
-    ``forward(x, target=None) -> (student_logits, {name: detached loss value}, total)``. The teacher is frozen
-    (``requires_grad`` off), always in eval mode (``train()`` never switches it back: its BatchNorm statistics and
-    dropout must not change) and runs under ``torch.no_grad``; it is only run when a loss needs it (``seg`` alone
-    trains the student without distillation, and then ``teacher`` may be None). Features are only requested
-    when a loss reads them. Optimise ``trainable_parameters()`` (student + loss adapters), save ``student``.
-    """
-
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], losses: CompositeLoss):
-        super().__init__()
-        self.student = student
-        self.teacher = teacher
-        self.losses = losses
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
-        elif losses.needs_teacher:
-            raise ValueError("these losses need a teacher network")
-
-    def train(self, mode: bool = True) -> "Distiller":
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """The student's parameters, then the losses' (adapters)."""
-        yield from self.student.parameters()
-        yield from self.losses.parameters()
-
-    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None):
-        """x (B, in_channels, *S); target as for the losses -> (student_logits, losses_dict, total)."""
-        with_features = self.losses.needs_features
-        if with_features:
-            s_logits, s_feats = self.student(x, return_features=True)
-        else:
-            s_logits, s_feats = self.student(x), None
-        t_logits = t_feats = None
-        if self.losses.needs_teacher:
-            with torch.no_grad():
-                if with_features:
-                    t_logits, t_feats = self.teacher(x, return_features=True)
-                else:
-                    t_logits = self.teacher(x)
-        total, parts = self.losses(s_logits, t_logits, target, s_feats, t_feats)
-        return s_logits, parts, total
-
-
 __all__ = ["LOSSES", "register_loss", "DistillLoss", "SegLoss", "KDLoss", "SoftCELoss", "HardLabelLoss", "HintLoss",
-           "CWDLoss", "AffinityLoss", "CompositeLoss", "Distiller", "build_losses", "parse_loss_spec",
+           "CWDLoss", "AffinityLoss", "CompositeLoss", "build_losses", "parse_loss_spec",
            "kl_per_voxel", "channel_wise_kl", "pooled_affinity", "split_target"]
