@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.evaluation.metrics import dice
 from KDSegmentationLib.tasks import get_task
 
 DEFAULT_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(13))  # 0.30 .. 0.90
@@ -34,8 +35,7 @@ def dice_at_thresholds(prob: np.ndarray, ref: np.ndarray, thresholds: Sequence[f
             pred = pred & mask
         if select is not None:
             pred = select(pred) > 0
-        denom = int(pred.sum()) + int(ref.sum())
-        out.append(1.0 if denom == 0 else 2.0 * float((pred & ref).sum()) / denom)
+        out.append(dice(pred, ref))
     return out
 
 

@@ -90,6 +90,22 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> Optional[floa
     return float(np.sum(d_recall * precision))
 
 
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """The project's one Dice of two boolean masks (any shape); both empty -> 1.0 (nothing to find, nothing found)."""
+    n = int(np.count_nonzero(pred)) + int(np.count_nonzero(ref))
+    return 1.0 if n == 0 else 2.0 * int(np.count_nonzero(pred & ref)) / n
+
+
+def overlap(pred: np.ndarray, ref: np.ndarray) -> Metrics:
+    """Dice, Jaccard, precision and recall of two boolean masks, with the module's conventions for empty masks."""
+    n_p, n_r = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    if n_p + n_r == 0:
+        return {"dice": 1.0, "jaccard": 1.0, "precision": 1.0, "recall": 1.0}
+    tp = int(np.count_nonzero(pred & ref))
+    return {"dice": dice(pred, ref), "jaccard": tp / (n_p + n_r - tp),
+            "precision": tp / n_p if n_p else None, "recall": tp / n_r if n_r else None}
+
+
 def _is_physical(spacing: Sequence[float]) -> bool:
     return not all(abs(float(s) - 1.0) < 1e-9 for s in spacing)
 
@@ -117,7 +133,6 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence
     if len(spacing) != ndim:
         raise ValueError(f"spacing {tuple(spacing_mm)} does not fit {ndim}D arrays")
     spacing_zyx = spacing[::-1]
-    voxel_mm3 = float(np.prod(spacing))
     if mask is not None:
         mask = _squeeze_to(np.asarray(mask, dtype=bool), ndim)
         if mask.shape != pred.shape:
@@ -125,44 +140,38 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence
 
     out: Dict[str, Metrics] = {}
     for value, name in labels.items():
-        p = pred == value
-        r = ref == value
+        p, r = pred == value, ref == value
         if mask is not None:
             p &= mask
             r &= mask
-        n_p, n_r = int(p.sum()), int(r.sum())
-        tp = int(np.count_nonzero(p & r))
-        m: Metrics = {}
-        if n_p + n_r == 0:
-            m.update(dice=1.0, jaccard=1.0, precision=1.0, recall=1.0)
-        else:
-            m["dice"] = 2.0 * tp / (n_p + n_r)
-            m["jaccard"] = tp / (n_p + n_r - tp)
-            m["precision"] = tp / n_p if n_p else None
-            m["recall"] = tp / n_r if n_r else None
+        m = overlap(p, r)
         m["hd95_mm"] = hd95_mm(p, r, spacing_zyx)
-        if ndim == 3:
-            m["volume_pred_ml"] = n_p * voxel_mm3 / 1000.0
-            m["volume_ref_ml"] = n_r * voxel_mm3 / 1000.0
-        else:
-            m["volume_pred_ml"] = None
-            m["volume_ref_ml"] = None
-            m["area_pred_px"] = n_p
-            m["area_ref_px"] = n_r
-            if _is_physical(spacing):
-                m["area_pred_mm2"] = n_p * voxel_mm3
-                m["area_ref_mm2"] = n_r * voxel_mm3
+        m.update(_sizes(int(p.sum()), int(r.sum()), spacing))
         if prob is not None and value in prob:
-            scores = _squeeze_to(np.asarray(prob[value]), ndim)
-            if scores.shape != pred.shape:
-                raise ValueError(f"probabilities of label {value} {scores.shape} do not match the labels {pred.shape}")
-            r_all = ref == value
-            if mask is not None:
-                scores, r_all = scores[mask], r_all[mask]
-            m["average_precision"] = average_precision(scores, r_all)
-            m["auc"] = roc_auc(scores, r_all)
+            m.update(_ranking(prob[value], ref == value, mask, ndim, pred.shape))
         out[name] = m
     return out
+
+
+def _sizes(n_pred: int, n_ref: int, spacing: Sequence[float]) -> Metrics:
+    """Volumes in mL (3D), or areas in pixels and, with a physical spacing, mm^2 (2D)."""
+    voxel_mm3 = float(np.prod(spacing))
+    if len(spacing) == 3:
+        return {"volume_pred_ml": n_pred * voxel_mm3 / 1000.0, "volume_ref_ml": n_ref * voxel_mm3 / 1000.0}
+    sizes: Metrics = {"volume_pred_ml": None, "volume_ref_ml": None, "area_pred_px": n_pred, "area_ref_px": n_ref}
+    if _is_physical(spacing):
+        sizes.update(area_pred_mm2=n_pred * voxel_mm3, area_ref_mm2=n_ref * voxel_mm3)
+    return sizes
+
+
+def _ranking(scores, ref: np.ndarray, mask: Optional[np.ndarray], ndim: int, shape) -> Metrics:
+    """Average precision and ROC AUC of the scores of one label against its reference, inside ``mask``."""
+    scores = _squeeze_to(np.asarray(scores), ndim)
+    if scores.shape != shape:
+        raise ValueError(f"probabilities {scores.shape} do not match the labels {shape}")
+    if mask is not None:
+        scores, ref = scores[mask], ref[mask]
+    return {"average_precision": average_precision(scores, ref), "auc": roc_auc(scores, ref)}
 
 
 def mean_metrics(per_case: List[Mapping[str, Mapping[str, Optional[float]]]]) -> Dict[str, Dict[str, Dict[str, float]]]:
