@@ -126,6 +126,25 @@ class InvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
+def _level_plan(depth: int, stem_stride: int, width: int, channels, blocks):
+    """(log2 stride of the stem, channels per level, blocks per level), checked against ``depth``."""
+    if stem_stride not in (1, 2, 4):
+        raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+    first = {1: 0, 2: 1, 4: 2}[stem_stride]  # log2 of the stem's stride
+    if depth <= first:
+        raise ValueError(f"depth ({depth}) must exceed log2(stem_stride) ({first})")
+    n_levels = depth - first + 1
+    if channels is None:
+        channels = [width * (i + 1) for i in range(n_levels)]
+    channels = [int(c) for c in channels]
+    if len(channels) != n_levels:
+        raise ValueError(f"channels needs {n_levels} entries (stem level to bottleneck), got {len(channels)}")
+    blocks = [int(blocks)] * n_levels if isinstance(blocks, int) else [int(b) for b in blocks]
+    if len(blocks) != n_levels:
+        raise ValueError(f"blocks needs {n_levels} entries, got {len(blocks)}")
+    return first, channels, blocks
+
+
 class MobileStudent(nn.Module):
     """MobileNetV2-style encoder-decoder student.
 
@@ -160,23 +179,9 @@ class MobileStudent(nn.Module):
                  decoder_expansion: float = 2, full_res_channels: int = 8, norm: str = "batch",
                  upsample_mode: str = "linear"):
         super().__init__()
-        if stem_stride not in (1, 2, 4):
-            raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
-        first = {1: 0, 2: 1, 4: 2}[stem_stride]  # log2 of the stem's stride
-        if depth <= first:
-            raise ValueError(f"depth ({depth}) must exceed log2(stem_stride) ({first})")
-        n_levels = depth - first + 1
-        if channels is None:
-            channels = [width * (i + 1) for i in range(n_levels)]
-        channels = [int(c) for c in channels]
-        if len(channels) != n_levels:
-            raise ValueError(f"channels needs {n_levels} entries (stem level to bottleneck), got {len(channels)}")
-        blocks = [int(blocks)] * n_levels if isinstance(blocks, int) else [int(b) for b in blocks]
-        if len(blocks) != n_levels:
-            raise ValueError(f"blocks needs {n_levels} entries, got {len(blocks)}")
+        first, channels, blocks = _level_plan(depth, stem_stride, width, channels, blocks)
         if first == 0:
             full_res_channels = 0  # the stem already runs at full resolution
-
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -184,60 +189,66 @@ class MobileStudent(nn.Module):
         self.upsample_mode = upsample_mode
         self.multiple = 2 ** depth
         self.levels = list(range(first, depth + 1))  # log2 strides of the encoder levels
-        names = [f"enc{k}" for k in self.levels[:-1]] + ["bottleneck"]
-        self._enc_names = names
-
+        self._enc_names = [f"enc{k}" for k in self.levels[:-1]] + ["bottleneck"]
+        # creation order is kept (full-res skip, encoder, decoder, refinement, head): it fixes the seeded init
         # full-resolution input skip: one cheap conv, the only place the net sees every pixel before the end
         self.full_res = ConvNormAct(spatial_dims, in_channels, full_res_channels, 3, norm=norm) \
             if full_res_channels else None
+        self.encoder = self._build_encoder(channels, blocks, stem_stride, expansion, norm)
+        self.laterals, self.decoder = self._build_decoder(channels, decoder_expansion, norm)
+        head_in = self._build_refinement(channels[0], full_res_channels, norm)
+        self.head = _conv_type(spatial_dims)(head_in, out_channels, 1)
+        self._register_features(channels, full_res_channels)
 
-        # encoder
-        self.encoder = nn.ModuleList()
-        for i, k in enumerate(self.levels):
+    def _build_encoder(self, channels, blocks, stem_stride, expansion, norm) -> nn.ModuleList:
+        dims = self.spatial_dims
+        encoder = nn.ModuleList()
+        for i in range(len(self.levels)):
             stage: List[nn.Module] = []
             if i == 0:
-                stage.append(ConvNormAct(spatial_dims, in_channels, channels[0], 3, stride=min(2, stem_stride),
+                stage.append(ConvNormAct(dims, self.in_channels, channels[0], 3, stride=min(2, stem_stride),
                                          norm=norm))
                 if stem_stride == 4:
-                    stage.append(InvertedResidual(spatial_dims, channels[0], channels[0], 2, 1, norm))
+                    stage.append(InvertedResidual(dims, channels[0], channels[0], 2, 1, norm))
             else:
-                stage.append(InvertedResidual(spatial_dims, channels[i - 1], channels[i], 2, expansion, norm))
+                stage.append(InvertedResidual(dims, channels[i - 1], channels[i], 2, expansion, norm))
             # at the stem level the blocks do not expand (MobileNetV2's first bottleneck, t = 1): this level has
             # the most pixels, and an expanded block here would cost more than the rest of the network
             level_expansion = 1 if i == 0 else expansion
-            stage += [InvertedResidual(spatial_dims, channels[i], channels[i], 1, level_expansion, norm)
+            stage += [InvertedResidual(dims, channels[i], channels[i], 1, level_expansion, norm)
                       for _ in range(blocks[i])]
-            self.encoder.append(nn.Sequential(*stage))
+            encoder.append(nn.Sequential(*stage))
+        return encoder
 
-        # decoder: lateral 1x1 at the coarse level (cheaper than after upsampling), add the skip, one IR block
-        self.laterals = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        for i in range(n_levels - 2, -1, -1):
-            self.laterals.append(ConvNormAct(spatial_dims, channels[i + 1], channels[i], 1, norm=norm, act=False))
+    def _build_decoder(self, channels, decoder_expansion, norm):
+        """Lateral 1x1 at the coarse level (cheaper than after upsampling), add the skip, one IR block per level."""
+        laterals, decoder = nn.ModuleList(), nn.ModuleList()
+        for i in range(len(self.levels) - 2, -1, -1):
+            laterals.append(ConvNormAct(self.spatial_dims, channels[i + 1], channels[i], 1, norm=norm, act=False))
             level_expansion = 1 if i == 0 else decoder_expansion  # the stem level is the largest: no expansion
-            self.decoder.append(InvertedResidual(spatial_dims, channels[i], channels[i], 1, level_expansion, norm))
+            decoder.append(InvertedResidual(self.spatial_dims, channels[i], channels[i], 1, level_expansion, norm))
+        return laterals, decoder
 
-        if self.full_res is not None:
-            self.full_res_lateral = ConvNormAct(spatial_dims, channels[0], full_res_channels, 1, norm=norm,
-                                                act=False)
-            # depthwise-separable refinement at full resolution: sees the input skip and the coarse decoder together
-            self.refine = nn.Sequential(
-                ConvNormAct(spatial_dims, full_res_channels, full_res_channels, 3, groups=full_res_channels,
-                            norm=norm),
-                ConvNormAct(spatial_dims, full_res_channels, full_res_channels, 1, norm=norm))
-            head_in = full_res_channels
-        else:
-            head_in = channels[0]
-        self.head = _conv_type(spatial_dims)(head_in, out_channels, 1)
+    def _build_refinement(self, stem_channels: int, full_res_channels: int, norm) -> int:
+        """Full-resolution refinement when there is a full-resolution skip; returns the head's input channels."""
+        if self.full_res is None:
+            return stem_channels
+        dims, c = self.spatial_dims, full_res_channels
+        self.full_res_lateral = ConvNormAct(dims, stem_channels, c, 1, norm=norm, act=False)
+        # depthwise-separable refinement at full resolution: sees the input skip and the coarse decoder together
+        self.refine = nn.Sequential(ConvNormAct(dims, c, c, 3, groups=c, norm=norm),
+                                    ConvNormAct(dims, c, c, 1, norm=norm))
+        return c
 
-        # feature bookkeeping (names, channels, strides) for the distillation losses
+    def _register_features(self, channels, full_res_channels: int) -> None:
+        """Feature names, channels and strides, for the distillation losses."""
         self.feature_channels: Dict[str, int] = OrderedDict()
         self.feature_strides: Dict[str, int] = OrderedDict()
         if self.full_res is not None:
             self.feature_channels["enc0"], self.feature_strides["enc0"] = full_res_channels, 1
-        for name, k, c in zip(names, self.levels, channels):
+        for name, k, c in zip(self._enc_names, self.levels, channels):
             self.feature_channels[name], self.feature_strides[name] = c, 2 ** k
-        for i in range(n_levels - 2, -1, -1):
+        for i in range(len(self.levels) - 2, -1, -1):
             k = self.levels[i]
             self.feature_channels[f"dec{k}"], self.feature_strides[f"dec{k}"] = channels[i], 2 ** k
         if self.full_res is not None:
