@@ -214,7 +214,7 @@ def test_non_finite_weights_are_refused(tiny, tmp_path):
 
 
 def test_the_panel_lists_an_unusable_model_with_its_error(tiny, tmp_path, monkeypatch):
-    from KDSegmentationLib.client import worker
+    from KDSegmentationLib.client import models as client_models
     from KDSegmentationLib.models.catalog import list_models
 
     folder = tmp_path / "user-models"
@@ -223,7 +223,7 @@ def test_the_panel_lists_an_unusable_model_with_its_error(tiny, tmp_path, monkey
     resave(tiny["retina"], folder / "bad.kdseg.pt", BAD_HEADERS["threshold_2"][1])
     monkeypatch.setenv("KDSEG_USER_MODELS", str(folder))
     entries = {e["name"]: e for e in list_models() if e["source"] == "local"}
-    assert "unusable" in worker.model_label(entries["bad"])
-    assert "decision_threshold" in worker.model_card_text(entries["bad"])
-    choices = [value for _, value in worker.model_choices(entries.values(), "retina")]
+    assert "unusable" in client_models.model_label(entries["bad"])
+    assert "decision_threshold" in client_models.model_card_text(entries["bad"])
+    choices = [value for _, value in client_models.model_choices(entries.values(), "retina")]
     assert str(folder / "good.kdseg.pt") in choices and str(folder / "bad.kdseg.pt") not in choices
