@@ -213,6 +213,8 @@ def _argument(f, opt: Option, role: str) -> Tuple[List[str], Dict[str, Any]]:
         kw["type"] = opt.type
     if opt.choices is not None:
         kw["choices"] = list(opt.choices() if callable(opt.choices) else opt.choices)
+    else:  # named after the flag, not the field: --cache CACHE
+        kw["metavar"] = flag_of(f, opt)[2:].replace("-", "_").upper()
     return [flag_of(f, opt)], kw
 
 
