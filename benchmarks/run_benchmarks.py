@@ -292,15 +292,16 @@ _STARTUP_CODE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import KDSegmentationLib.cli.main as cli
+from KDSegmentationLib.cli.arguments import set_threads
 t1 = time.perf_counter()
-getattr(cli, "tune_malloc", lambda: None)()
+cli.tune_malloc()
 import torch
 t2 = time.perf_counter()
 import SimpleITK
 t3 = time.perf_counter()
 from KDSegmentationLib import tasks
 from KDSegmentationLib.inference import segment as infer
-cli.set_threads(int(sys.argv[3]))
+set_threads(int(sys.argv[3]))
 loaded = infer.load_task_model(tasks.get_task(sys.argv[1]), sys.argv[2], torch.device("cpu"))
 t4 = time.perf_counter()
 print(json.dumps({"import_cli_s": t1 - t0, "import_torch_s": t2 - t1, "import_sitk_s": t3 - t2,
@@ -465,7 +466,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
     """Load once, one warm-up run, then timed runs of cli.run_segment (what each `kdseg serve` request does)."""
     import torch
 
-    from KDSegmentationLib.cli import main as cli
+    from KDSegmentationLib.cli.segment import run_segment
     from KDSegmentationLib.inference import segment as infer
     from KDSegmentationLib.tasks import get_task
 
@@ -488,7 +489,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
     def once(inp, out):
         seed = tuple(inp["seed_ras"]) if inp.get("seed_ras") else None
         t = time.perf_counter()
-        s = cli.run_segment(task, inp["path"], str(out), model=model_path, device=device, seed_ras=seed)
+        s = run_segment(task, inp["path"], str(out), model=model_path, device=device, seed_ras=seed)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t, s["timings_s"]
@@ -944,11 +945,11 @@ def main(argv=None) -> int:
     import torch
 
     from KDSegmentationLib.cli import main as cli
+    from KDSegmentationLib.cli.arguments import set_threads
 
-    tuned = bool(getattr(cli, "tune_malloc", None))
-    if tuned:
-        cli.tune_malloc()  # what the CLI's main() does: warm and model-only figures match the worker
-    cli.set_threads(args.threads)
+    tuned = True
+    cli.tune_malloc()  # what the CLI's main() does: warm and model-only figures match the worker
+    set_threads(args.threads)
 
     tmp = Path(tempfile.mkdtemp(prefix="kdseg-bench-"))
     (tmp / "out").mkdir()

@@ -28,7 +28,7 @@ def main(argv=None):
     import matplotlib.pyplot as plt
     import SimpleITK as sitk
 
-    from KDSegmentationLib.cli.main import run_segment
+    from KDSegmentationLib.cli.segment import run_segment
     from KDSegmentationLib.io.samples import write_sample
     from KDSegmentationLib.tasks import get_task
 

@@ -14,7 +14,10 @@ import time
 from typing import Any, Optional, TextIO
 
 from KDSegmentationLib import protocol as P
-from KDSegmentationLib.protocol import EVENTS, parse_event  # noqa: F401  (re-exported for the engine's callers)
+
+
+# The --progress choices of every command that reports progress
+PROGRESS_MODES = ("auto", "json", "bar", "none")
 
 
 class Progress:

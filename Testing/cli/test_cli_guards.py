@@ -18,7 +18,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import LIB_PARENT, REPO
-from KDSegmentationLib.cli.main import available_cpus, main
+from KDSegmentationLib.cli.arguments import available_cpus
+from KDSegmentationLib.cli.main import main
 from KDSegmentationLib.models.catalog import resolve_model
 from KDSegmentationLib.models.files import save_model
 from KDSegmentationLib.models.networks import build_network, default_arch_args

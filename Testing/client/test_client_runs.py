@@ -234,7 +234,7 @@ def test_segment_command_matches_the_command_line_contract():
     args = parser.parse_args(cmd[3:])
     assert (args.task, args.input, args.output, args.device, args.progress) == (
         "lung_nodule", "/in dir/é.nrrd", "/out/x.seg.nrrd", "cuda", "json")
-    from KDSegmentationLib.cli.main import parse_seed
+    from KDSegmentationLib.cli.arguments import parse_seed
 
     assert parse_seed(args.seed_ras) == (-56.37, -86.32, -115.99)
 

@@ -12,7 +12,7 @@ import pytest
 
 from KDSegmentationLib.training import datasets as ds
 from KDSegmentationLib.models.files import read_header
-from KDSegmentationLib.progress import parse_event
+from KDSegmentationLib.protocol import parse_event
 
 from conftest import LIB_PARENT
 

@@ -19,7 +19,8 @@ from PIL import Image
 from KDSegmentationLib.training import datasets as ds
 from KDSegmentationLib.errors import CancelledError, InputError
 from KDSegmentationLib.models.files import load_model, read_header
-from KDSegmentationLib.progress import Progress, parse_event
+from KDSegmentationLib.progress import Progress
+from KDSegmentationLib.protocol import parse_event
 from KDSegmentationLib.tasks import get_task
 from KDSegmentationLib.training.config import TrainConfig
 from KDSegmentationLib.training.trainer import train

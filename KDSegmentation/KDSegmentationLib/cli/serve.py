@@ -13,8 +13,9 @@ import sys
 from typing import Optional
 
 from KDSegmentationLib import protocol as P
-from KDSegmentationLib.cli.main import (_install_cancel_handlers, bound_message, bound_text, run_segment,
-                                        set_threads)
+from KDSegmentationLib.cli.arguments import bound_message, bound_text, set_threads
+from KDSegmentationLib.cli.cancel import install_cancel_handlers
+from KDSegmentationLib.cli.segment import run_segment
 from KDSegmentationLib.errors import InputError
 
 # One request line at most; longer ones are skipped up to their end (the line is never held whole in memory) and
@@ -32,7 +33,7 @@ def cmd_serve(args) -> int:
     out = sys.stdout
     out.write(json.dumps({P.EVENT: P.EVENT_LOG, P.LEVEL: P.LEVEL_INFO, P.MESSAGE: P.READY_MESSAGE}) + "\n")
     out.flush()
-    restore = _install_cancel_handlers()
+    restore = install_cancel_handlers()
     try:
         for line, problem in request_lines(getattr(sys.stdin, "buffer", sys.stdin)):
             req, problem = parse_request(line, problem)
@@ -191,3 +192,9 @@ class _TagStream:
 
     def flush(self):
         self.stream.flush()
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="persistent worker: JSON requests on stdin, JSON events on stdout")
+    s.add_argument("--threads", type=str)
+    s.set_defaults(func=cmd_serve)
