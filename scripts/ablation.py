@@ -97,24 +97,24 @@ def needs_teacher(spec: str) -> bool:
 
 def test_cases(args, task):
     """(case, arrays) of the held-out test cases."""
-    from KDSegmentationLib.training import datasets as ds
+    from KDSegmentationLib.training import cache as caches
 
     if args.test_data:
-        cache = ds.ensure_cache(args.test_data, task, Path(args.cache) / "test" if args.cache else None)
+        cache = caches.ensure_cache(args.test_data, task, Path(args.cache) / "test" if args.cache else None)
         cases = [c for c in cache.cases if c.labelled]
     else:
-        cache = ds.ensure_cache(args.data, task, Path(args.cache) / "data" if args.cache else None)
+        cache = caches.ensure_cache(args.data, task, Path(args.cache) / "data" if args.cache else None)
         cases = [c for c in cache.cases if c.labelled and c.split == "test"]
     if not cases:
         raise SystemExit("no labelled test cases: pass --test-data DIR (the dataset has no test split)")
-    return [(c, ds.load_arrays(c)) for c in cases]
+    return [(c, caches.load_arrays(c)) for c in cases]
 
 
 def evaluate(model_path: Path, cases, task, device) -> Dict[str, float]:
     """Mean Dice per label (and 'mean' over labels) over the test cases, with metrics.segmentation_metrics."""
     import torch
 
-    from KDSegmentationLib.training import datasets as ds
+    from KDSegmentationLib.training import sampling
     from KDSegmentationLib.evaluation.metrics import segmentation_metrics
     from KDSegmentationLib.models.files import load_model
     from KDSegmentationLib.training.validation import predict_labels
@@ -125,7 +125,7 @@ def evaluate(model_path: Path, cases, task, device) -> Dict[str, float]:
     slices = task.spatial_dims == 2 and task.input_kind != "2d-rgb"
     per_label: Dict[str, List[float]] = {name: [] for name in labels.values()}
     for case, arrays in cases:
-        x = torch.from_numpy(ds.network_input(arrays, task))
+        x = torch.from_numpy(sampling.network_input(arrays, task))
         pred = predict_labels(net, x if slices else x[None], roi, device)
         pred = pred if slices else pred[0]
         ref = arrays["label"]

@@ -2,7 +2,6 @@
 pipeline. Skips when a model file is not installed."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -74,7 +73,7 @@ def test_nodule_student_against_reader_consensus_on_a_hu_slab(tmp_path, shared_d
 
 def test_retina_student_on_a_drive_test_image(tmp_path, shared_data):
     img = require(shared_data / "retina" / "DRIVE" / "test" / "images" / "01_test.tif")
-    from KDSegmentationLib.training.datasets import _read_mask_2d
+    from KDSegmentationLib.training.reading import _read_mask_2d
 
     ref = _read_mask_2d(str(shared_data / "retina" / "DRIVE" / "test" / "1st_manual" / "01_manual1.gif")) > 0
     fov = _read_mask_2d(str(shared_data / "retina" / "DRIVE" / "test" / "mask" / "01_test_mask.gif")) > 0

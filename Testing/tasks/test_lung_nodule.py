@@ -14,6 +14,8 @@ from conftest import require
 from PIL import Image
 
 from KDSegmentationLib.tasks import lung_nodule as lung
+
+from KDSegmentationLib.tasks import lidc
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import LUNG_NODULE
 
@@ -43,9 +45,9 @@ def lidc_slices(shared_data):
 @pytest.mark.parametrize("pid, min_agree", [("LIDC-IDRI-0001", 2),   # 4 readers marked it: >= 2 of 4
                                             ("LIDC-IDRI-0002", 1)])  # readers 2, 3 all zero: >= 1 of 2
 def test_consensus_on_real_nodule_matches_manual_count(lidc_slices, pid, min_agree):
-    rec = next(r for r in lung.iter_lidc_nodules(lidc_slices) if r.patient_id == pid and r.nodule_id == "nodule-0")
-    assert [lung._number(p.name) for p in rec.slice_paths] == list(range(len(rec.slice_paths)))
-    images, readers, consensus, soft = lung.load_nodule(rec)
+    rec = next(r for r in lidc.iter_lidc_nodules(lidc_slices) if r.patient_id == pid and r.nodule_id == "nodule-0")
+    assert [lidc._number(p.name) for p in rec.slice_paths] == list(range(len(rec.slice_paths)))
+    images, readers, consensus, soft = lidc.load_nodule(rec)
     n = len(rec.slice_paths)
     assert images.shape == (n, 128, 128) and images.dtype == np.uint8
     assert readers.shape == (4, n, 128, 128) and set(np.unique(readers)) <= {0, 1}
@@ -80,9 +82,9 @@ def test_consensus_rules_absent_folder_missing_slice_and_all_zero_reader(tmp_pat
             _write(ndir / "mask-1" / f"slice-{z}.png", b)
         _write(ndir / "mask-2" / f"slice-{z}.png", np.zeros_like(a))   # did not mark the nodule
     # mask-3 absent: did not mark it either -> 2 readers marked, consensus = at least 1 of 2
-    (rec,) = lung.iter_lidc_nodules(tmp_path)
+    (rec,) = lidc.iter_lidc_nodules(tmp_path)
     assert [p.name for p in rec.slice_paths][-2:] == ["slice-9.png", "slice-10.png"]
-    images, readers, consensus, soft = lung.load_nodule(rec)
+    images, readers, consensus, soft = lidc.load_nodule(rec)
     assert images[:, 0, 0].tolist() == list(range(11))
     assert readers.shape == (3, 11, 128, 128)
     union = ((a > 0) | (b > 0)).astype(np.uint8)
@@ -94,21 +96,21 @@ def test_consensus_rules_absent_folder_missing_slice_and_all_zero_reader(tmp_pat
 
 def test_iter_missing_root_is_input_error(tmp_path):
     with pytest.raises(InputError):
-        lung.iter_lidc_nodules(tmp_path / "nope")
+        lidc.iter_lidc_nodules(tmp_path / "nope")
 
 
 def test_split_is_deterministic_by_patient_and_disjoint():
     ids = [f"LIDC-IDRI-{i:04d}" for i in range(4, 104)]   # none of the reserved test patients
-    s1 = lung.split_patients(ids, seed=0)
-    s2 = lung.split_patients(list(reversed(ids)) + ids[:5], seed=0)   # order and duplicates do not matter
+    s1 = lidc.split_patients(ids, seed=0)
+    s2 = lidc.split_patients(list(reversed(ids)) + ids[:5], seed=0)   # order and duplicates do not matter
     assert s1 == s2
     assert [len(s1[k]) for k in ("train", "val", "test")] == [70, 15, 15]
     sets = [set(v) for v in s1.values()]
     assert set().union(*sets) == set(ids) and sum(map(len, sets)) == len(ids)
     assert all(v == sorted(v) for v in s1.values())
-    assert lung.split_patients(ids, seed=1) != s1
+    assert lidc.split_patients(ids, seed=1) != s1
     with pytest.raises(ValueError):
-        lung.split_patients(ids, fractions=(0.5, 0.2, 0.2))
+        lidc.split_patients(ids, fractions=(0.5, 0.2, 0.2))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,7 +315,7 @@ def test_paste_back_of_slab_consensus_is_exact(shared_data, pid):
 
 
 def test_patients_with_hu_slabs_are_always_test():
-    from KDSegmentationLib.tasks.lung_nodule import RESERVED_TEST_PATIENTS, split_patients
+    from KDSegmentationLib.tasks.lidc import RESERVED_TEST_PATIENTS, split_patients
 
     ids = [f"LIDC-IDRI-{i:04d}" for i in range(1, 120)]
     for seed in range(5):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from KDSegmentationLib.training import augment
-from KDSegmentationLib.training import datasets as ds
+from KDSegmentationLib.training import cache as caches, layouts, reading, sampling, splits
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import get_task
 
@@ -123,7 +123,7 @@ def make_lidc(root: Path) -> Path:
 def test_generic_layout_pairs_images_labels_and_fov(tmp_path):
     root = make_generic_retina(tmp_path / "g")
     _save((_photo().max(-1) > 0).astype(np.uint8) * 255, root / "fov" / "eye0_mask.png")
-    cases = ds.find_cases(root, RETINA)
+    cases = layouts.find_cases(root, RETINA)
     assert [c.layout for c in cases] == ["generic", "generic"]
     assert all(c.labelled for c in cases)
     assert cases[0].fov and cases[0].fov.endswith("eye0_mask.png") and cases[1].fov is None
@@ -132,21 +132,21 @@ def test_generic_layout_pairs_images_labels_and_fov(tmp_path):
 def test_msd_layout_with_nnunet_channel_suffix(tmp_path):
     _ct(tmp_path / "msd" / "imagesTr" / "liver_3_0000.nii.gz")
     _ct(tmp_path / "msd" / "labelsTr" / "liver_3.nii.gz", value=_liver_mask())
-    cases = ds.find_cases(tmp_path / "msd", LIVER)
+    cases = layouts.find_cases(tmp_path / "msd", LIVER)
     assert len(cases) == 1 and cases[0].layout == "msd" and cases[0].label.endswith("liver_3.nii.gz")
 
 
 def test_drive_layout_has_train_and_test_splits(tmp_path):
-    cases = ds.find_cases(make_drive(tmp_path / "DRIVE"), RETINA)
+    cases = layouts.find_cases(make_drive(tmp_path / "DRIVE"), RETINA)
     assert {c.case_id: c.split for c in cases} == {"21_training": "train", "22_training": "train", "01_test": "test"}
     assert all(c.fov and c.label for c in cases)
-    train, val, test = ds.split_cases(cases, None, 0)
+    train, val, test = splits.split_cases(cases, None, 0)
     assert [c.case_id for c in test] == ["01_test"]  # the test split is never trained or validated on
     assert len(train) + len(val) == 2 and len(val) == 1
 
 
 def test_chase_layout_groups_both_eyes_of_a_child(tmp_path):
-    cases = ds.find_cases(make_chase(tmp_path / "CHASE"), RETINA)
+    cases = layouts.find_cases(make_chase(tmp_path / "CHASE"), RETINA)
     by_id = {c.case_id: c for c in cases}
     assert by_id["Image_01L"].group == by_id["Image_01R"].group == "child01"
     assert by_id["Image_01L"].split == "train" and by_id["Image_12L"].split == "test"
@@ -154,7 +154,7 @@ def test_chase_layout_groups_both_eyes_of_a_child(tmp_path):
 
 
 def test_lidc_layout_one_case_per_nodule_grouped_by_patient(tmp_path):
-    cases = ds.find_cases(make_lidc(tmp_path / "lidc"), LUNG)
+    cases = layouts.find_cases(make_lidc(tmp_path / "lidc"), LUNG)
     assert len(cases) == 4 and {c.group for c in cases} == {"LIDC-IDRI-0001", "LIDC-IDRI-0002"}
     assert cases[0].case_id == "LIDC-IDRI-0001_nodule-0" and cases[0].layout == "lidc_slices"
     for pid in ("LIDC-IDRI-0001", "LIDC-IDRI-0002"):  # a patient's nodules share one split
@@ -162,10 +162,10 @@ def test_lidc_layout_one_case_per_nodule_grouped_by_patient(tmp_path):
 
 
 def test_case_folders_merge_liver_and_tumour(tmp_path):
-    cases = ds.find_cases(make_case_folders(tmp_path / "rad"), LIVER)
+    cases = layouts.find_cases(make_case_folders(tmp_path / "rad"), LIVER)
     assert [c.case_id for c in cases] == ["case_a", "case_b"]
     assert set(cases[0].structures) == {1, 2} and cases[0].layout == "case_folders"
-    arrays = ds.prepare_case(cases[0], LIVER)
+    arrays = reading.prepare_case(cases[0], LIVER)
     assert arrays["image"].dtype == np.int16 and arrays["label"].shape == arrays["image"].shape
     assert set(np.unique(arrays["label"])) == {0, 1, 2}
     assert np.allclose(arrays["spacing"], LIVER.spacing_mm)
@@ -174,7 +174,7 @@ def test_case_folders_merge_liver_and_tumour(tmp_path):
 def test_unlabelled_folder(tmp_path):
     for i in range(2):
         _save(_photo(seed=i), tmp_path / "u" / f"p{i}.jpg")
-    cases = ds.find_cases(tmp_path / "u", RETINA)
+    cases = layouts.find_cases(tmp_path / "u", RETINA)
     assert [c.layout for c in cases] == ["unlabelled"] * 2 and not any(c.labelled for c in cases)
 
 
@@ -182,16 +182,16 @@ def test_unrecognised_folder_lists_the_layouts(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "notes.txt").write_text("nothing here")
     with pytest.raises(InputError) as err:
-        ds.find_cases(tmp_path / "x", RETINA)
+        layouts.find_cases(tmp_path / "x", RETINA)
     msg = str(err.value)
     assert "\n" not in msg and "DRIVE" in msg and "imagesTr" in msg and "LIDC" in msg
     with pytest.raises(InputError, match="not found"):
-        ds.find_cases(tmp_path / "missing", RETINA)
+        layouts.find_cases(tmp_path / "missing", RETINA)
 
 
 def test_layout_of_another_task_is_refused(tmp_path):
     with pytest.raises(InputError, match="--task"):
-        ds.find_cases(make_drive(tmp_path / "DRIVE"), LIVER)
+        layouts.find_cases(make_drive(tmp_path / "DRIVE"), LIVER)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,42 +199,42 @@ def test_layout_of_another_task_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 def test_cache_round_trip_retina(tmp_path):
     root = make_generic_retina(tmp_path / "g")
-    cases = ds.find_cases(root, RETINA)
-    direct = [ds.prepare_case(c, RETINA) for c in cases]
-    out = ds.prepare_cache(cases, RETINA, tmp_path / "cache", source=str(root))
+    cases = layouts.find_cases(root, RETINA)
+    direct = [reading.prepare_case(c, RETINA) for c in cases]
+    out = caches.prepare_cache(cases, RETINA, tmp_path / "cache", source=str(root))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["task"] == "retina" and manifest["layout"] == "generic" and manifest["format"] == ds.CACHE_FORMAT
+    assert manifest["task"] == "retina" and manifest["layout"] == "generic" and manifest["format"] == caches.CACHE_FORMAT
     assert [e["case_id"] for e in manifest["cases"]] == ["eye0", "eye1"]
-    cached = ds.find_cases(out, RETINA)  # a cache is a --data folder too
+    cached = layouts.find_cases(out, RETINA)  # a cache is a --data folder too
     assert [c.case_id for c in cached] == ["eye0", "eye1"] and all(c.labelled for c in cached)
     for c, d in zip(cached, direct):
-        a = ds.load_arrays(c)
+        a = caches.load_arrays(c)
         assert a["image"].dtype == np.uint8 and a["image"].shape[2] == 3 and a["fov"].dtype == bool
         for key in ("image", "fov", "label"):
             np.testing.assert_array_equal(a[key], d[key])
     with pytest.raises(InputError, match="prepared for task"):
-        ds.find_cases(out, LIVER)
+        layouts.find_cases(out, LIVER)
     assert not list(tmp_path.glob(".tmp-*"))  # no temporary folder left behind
 
 
 def test_cache_round_trip_ct_and_reuse(tmp_path):
     root = make_case_folders(tmp_path / "rad")
-    cache = ds.ensure_cache(root, LIVER, tmp_path / "cache")
+    cache = caches.ensure_cache(root, LIVER, tmp_path / "cache")
     assert len(cache.cases) == 2
-    a = ds.load_arrays(cache.cases[0])
+    a = caches.load_arrays(cache.cases[0])
     assert a["image"].dtype == np.int16 and a["label"].dtype == np.uint8 and a["label"].max() == 2
     stamp = (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns
-    ds.ensure_cache(root, LIVER, tmp_path / "cache")  # unchanged source: reused
+    caches.ensure_cache(root, LIVER, tmp_path / "cache")  # unchanged source: reused
     assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == stamp
     os.utime(root / "case_a" / "ct.nii.gz", (1, 1))  # a changed source file invalidates the cache
-    ds.ensure_cache(root, LIVER, tmp_path / "cache")
+    caches.ensure_cache(root, LIVER, tmp_path / "cache")
     assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns != stamp
 
 
 def test_cache_of_lidc_slices(tmp_path):
-    cases = ds.find_cases(make_lidc(tmp_path / "lidc"), LUNG)
-    out = ds.prepare_cache(cases[:1], LUNG, tmp_path / "cache")
-    a = ds.load_arrays(ds.load_cache(out).cases[0])
+    cases = layouts.find_cases(make_lidc(tmp_path / "lidc"), LUNG)
+    out = caches.prepare_cache(cases[:1], LUNG, tmp_path / "cache")
+    a = caches.load_arrays(caches.load_cache(out).cases[0])
     assert a["image"].shape == (3, 128, 128) and a["image"].dtype == np.uint8
     assert a["label"].dtype == np.uint8 and a["soft"].dtype == np.float16
     thirds = np.unique(a["soft"]).astype(np.float32) * 3  # 3 readers: agreement in thirds
@@ -244,7 +244,7 @@ def test_cache_of_lidc_slices(tmp_path):
 
 def test_training_from_a_cache_never_imports_simpleitk(tmp_path):
     root = make_generic_retina(tmp_path / "g", n=3)
-    ds.prepare_cache(ds.find_cases(root, RETINA), RETINA, tmp_path / "cache")
+    caches.prepare_cache(layouts.find_cases(root, RETINA), RETINA, tmp_path / "cache")
     code = f"""
 import sys
 sys.modules['SimpleITK'] = None  # any import of it now fails
@@ -264,37 +264,37 @@ train(TrainConfig(task='retina', data={str(tmp_path / 'cache')!r}, output={str(t
 # splits and sampling
 # ----------------------------------------------------------------------------------------------------------------
 def _cases(groups):
-    return [ds.Case(case_id=f"{g}_{i}", group=g, image="x", label="y") for i, g in enumerate(groups)]
+    return [layouts.Case(case_id=f"{g}_{i}", group=g, image="x", label="y") for i, g in enumerate(groups)]
 
 
 def test_split_by_patient_and_folds():
     cases = _cases(["p1", "p1", "p2", "p3", "p3", "p4", "p5"])
-    train, val, test = ds.split_cases(cases, 0.4, seed=3)
+    train, val, test = splits.split_cases(cases, 0.4, seed=3)
     assert not {c.group for c in train} & {c.group for c in val} and not test
-    assert ds.split_cases(cases, 0.4, seed=3)[1] == val  # deterministic
+    assert splits.split_cases(cases, 0.4, seed=3)[1] == val  # deterministic
     seen = []
     for k in range(3):
-        tr, va, _ = ds.split_cases(cases, None, 0, folds=3, fold=k)
+        tr, va, _ = splits.split_cases(cases, None, 0, folds=3, fold=k)
         assert not {c.group for c in tr} & {c.group for c in va}
         seen += [c.group for c in va]
     assert sorted(set(seen)) == ["p1", "p2", "p3", "p4", "p5"] and len(seen) == len(set(seen)) + 2
-    assert ds.split_cases(cases, 0.0, 0)[1] == []
+    assert splits.split_cases(cases, 0.0, 0)[1] == []
 
 
 def test_sampler_is_deterministic_mixes_and_resumes():
-    s = ds.MixedBatchSampler(5, 3, 8, total_steps=20, seed=1, unlabelled_fraction=0.25)
+    s = sampling.MixedBatchSampler(5, 3, 8, total_steps=20, seed=1, unlabelled_fraction=0.25)
     batches = list(s)
     assert len(batches) == 20
     assert all(sum(k[0] >= 5 for k in b) == 2 for b in batches)  # 2 of 8 unlabelled in every batch
-    assert batches == list(ds.MixedBatchSampler(5, 3, 8, total_steps=20, seed=1, unlabelled_fraction=0.25))
-    resumed = list(ds.MixedBatchSampler(5, 3, 8, total_steps=20, seed=1, start_step=7, unlabelled_fraction=0.25))
+    assert batches == list(sampling.MixedBatchSampler(5, 3, 8, total_steps=20, seed=1, unlabelled_fraction=0.25))
+    resumed = list(sampling.MixedBatchSampler(5, 3, 8, total_steps=20, seed=1, start_step=7, unlabelled_fraction=0.25))
     assert resumed == batches[7:]
     # every labelled case equally often over whole cycles
     counts = np.bincount([k[0] for b in batches[:5] for k in b if k[0] < 5], minlength=5)
     assert counts.min() == counts.max() == 6
     # two ranks draw different cases/seeds at the same step
-    r0 = ds.MixedBatchSampler(5, 0, 4, 3, seed=1, rank=0, world_size=2).batch(0)
-    r1 = ds.MixedBatchSampler(5, 0, 4, 3, seed=1, rank=1, world_size=2).batch(0)
+    r0 = sampling.MixedBatchSampler(5, 0, 4, 3, seed=1, rank=0, world_size=2).batch(0)
+    r1 = sampling.MixedBatchSampler(5, 0, 4, 3, seed=1, rank=1, world_size=2).batch(0)
     assert [k[1] for k in r0] != [k[1] for k in r1]
 
 
@@ -329,7 +329,7 @@ def _slice_arrays():
 def test_patch_dataset_items(task, arrays, patch, channels):
     import torch
 
-    data = ds.PatchDataset([arrays()], [True], task, patch, soft_labels=task is LUNG)
+    data = sampling.PatchDataset([arrays()], [True], task, patch, soft_labels=task is LUNG)
     key = (0, (0, 5, 0, 0, 1))
     item = data[key]
     region = data.region
@@ -347,7 +347,7 @@ def test_patch_dataset_items(task, arrays, patch, channels):
 
 
 def test_foreground_oversampling_finds_small_structures():
-    data = ds.PatchDataset([_ct_arrays()], [True], LIVER, (16, 16, 16))
+    data = sampling.PatchDataset([_ct_arrays()], [True], LIVER, (16, 16, 16))
     hits = sum(int((data[(0, (s,))]["label"] == 2).any()) for s in range(30))
     assert hits >= 6  # tumour (0.05 % of the volume) in a good share of the patches: classes drawn equally
 
@@ -383,7 +383,7 @@ def test_contrast_phase_shift_moves_soft_tissue_not_air_or_fat():
 
 def test_crop_normalisation_matches_whole_photo(shared_data):
     from KDSegmentationLib.tasks.retina import fov_diameter, fov_mask
-    from KDSegmentationLib.tasks.preprocess import fundus_input
+    from KDSegmentationLib.tasks.retina import fundus_input
 
     rgb = np.asarray(Image.open(require(shared_data / "retina/DRIVE/training/images/21_training.tif")))
     fov = fov_mask(rgb)
@@ -398,36 +398,36 @@ def test_crop_normalisation_matches_whole_photo(shared_data):
 # the real datasets (skipped where ../shared/data is absent)
 # ----------------------------------------------------------------------------------------------------------------
 def test_real_drive(shared_data):
-    cases = ds.find_cases(require(shared_data / "retina" / "DRIVE"), RETINA)
+    cases = layouts.find_cases(require(shared_data / "retina" / "DRIVE"), RETINA)
     assert sum(c.split == "train" for c in cases) == 20 and sum(c.split == "test" for c in cases) == 20
-    train, val, test = ds.split_cases(cases, None, 0)
+    train, val, test = splits.split_cases(cases, None, 0)
     assert len(test) == 20 and {c.split for c in train + val} == {"train"} and len(val) == 4
-    a = ds.prepare_case(cases[0], RETINA)
+    a = reading.prepare_case(cases[0], RETINA)
     assert abs(a["image"].shape[1] - 566) < 30 and a["label"].mean() > 0.05 and "fov_ref" in a
 
 
 def test_real_chase(shared_data):
-    cases = ds.find_cases(require(shared_data / "retina" / "CHASE_DB1"), RETINA)
+    cases = layouts.find_cases(require(shared_data / "retina" / "CHASE_DB1"), RETINA)
     assert len(cases) == 28 and sum(c.split == "test" for c in cases) == 8 and all(c.labelled for c in cases)
 
 
 def test_real_lidc(shared_data):
-    cases = ds.find_cases(require(shared_data / "lung" / "LIDC-IDRI-slices"), LUNG)
+    cases = layouts.find_cases(require(shared_data / "lung" / "LIDC-IDRI-slices"), LUNG)
     assert len(cases) == 698 and len({c.group for c in cases}) == 233
     splits = {}
     for c in cases:
         splits.setdefault(c.group, set()).add(c.split)
     assert all(len(s) == 1 for s in splits.values())  # never one patient on two sides
-    a = ds.prepare_case(cases[0], LUNG)
+    a = reading.prepare_case(cases[0], LUNG)
     assert a["image"].shape[1:] == (128, 128) and a["label"].shape == a["image"].shape
 
 
 def test_real_radcttaceomics_with_a_dicom_case(shared_data):
-    cases = ds.find_cases(require(shared_data / "liver" / "RadCTTACEomics"), LIVER)
+    cases = layouts.find_cases(require(shared_data / "liver" / "RadCTTACEomics"), LIVER)
     assert len(cases) == 9 and all(set(c.structures) == {1, 2} for c in cases)
     dicom_case = next(c for c in cases if c.case_id.endswith("0697"))
     assert Path(dicom_case.image).is_dir()
-    a = ds.prepare_case(dicom_case, LIVER)
+    a = reading.prepare_case(dicom_case, LIVER)
     assert a["label"].shape == a["image"].shape and set(np.unique(a["label"])) == {0, 1, 2}
     liver_ml = (a["label"] > 0).sum() * np.prod(LIVER.spacing_mm) / 1000
     assert 800 < liver_ml < 1100  # info.json: 927 ml liver

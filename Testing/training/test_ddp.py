@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from KDSegmentationLib.training import datasets as ds
+from KDSegmentationLib.training import cache as caches
 from KDSegmentationLib.models.files import read_header
 from KDSegmentationLib.protocol import parse_event
 
@@ -31,7 +31,7 @@ def _tiny_retina_cache(out: Path, n: int = 4, size: int = 72) -> Path:
         np.savez_compressed(out / f"c{i}.npz", image=rgb, fov=fov, label=vessels.astype(np.uint8))
         entries.append({"case_id": f"c{i}", "file": f"c{i}.npz", "split": None, "group": f"c{i}", "labelled": True,
                         "shape": [size, size, 3]})
-    (out / "manifest.json").write_text(json.dumps({"format": ds.CACHE_FORMAT, "task": "retina",
+    (out / "manifest.json").write_text(json.dumps({"format": caches.CACHE_FORMAT, "task": "retina",
                                                    "layout": "generic", "source": "synthetic", "cases": entries}))
     return out
 

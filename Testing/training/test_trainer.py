@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from KDSegmentationLib.training import datasets as ds
+from KDSegmentationLib.training import cache as caches, sampling, splits
 from KDSegmentationLib.errors import CancelledError, InputError
 from KDSegmentationLib.models.files import load_model, read_header
 from KDSegmentationLib.progress import Progress
@@ -81,7 +81,7 @@ def _make_small_drive_cache(drive: Path, out: Path, n: int = 8, factor: int = 4)
         np.savez_compressed(out / f"{key}.npz", image=rgb, fov=fov_mask(rgb), label=label)
         entries.append({"case_id": key, "file": f"{key}.npz", "split": None, "group": key, "labelled": True,
                         "shape": list(rgb.shape)})
-    (out / "manifest.json").write_text(json.dumps({"format": ds.CACHE_FORMAT, "task": "retina",
+    (out / "manifest.json").write_text(json.dumps({"format": caches.CACHE_FORMAT, "task": "retina",
                                                    "layout": "drive", "source": str(drive), "cases": entries}))
     return out
 
@@ -108,12 +108,12 @@ def teacher(small_drive, tmp_path_factory) -> Path:
 
 def _val_dice(net, small_drive) -> float:
     """Dice inside the FOV on the validation photos of the default split, as the trainer computes it."""
-    cache = ds.load_cache(small_drive)
-    _, val, _ = ds.split_cases(cache.cases, 0.25, 0)
+    cache = caches.load_cache(small_drive)
+    _, val, _ = splits.split_cases(cache.cases, 0.25, 0)
     scores = []
     for c in val:
-        a = ds.load_arrays(c)
-        x = torch.from_numpy(ds.network_input(a, RETINA))[None]
+        a = caches.load_arrays(c)
+        x = torch.from_numpy(sampling.network_input(a, RETINA))[None]
         pred = predict_labels(net.eval(), x, (256, 256), torch.device("cpu"))[0]
         scores.append(dice_per_label(pred, a["label"], [1], a["fov"])[1])
     return float(np.mean(scores))

@@ -83,7 +83,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from KDSegmentationLib.training import datasets as ds
+    from KDSegmentationLib.training import cache as caches, layouts
     from KDSegmentationLib.progress import Progress
     from KDSegmentationLib.tasks import get_task
 
@@ -91,14 +91,14 @@ def cmd_prepare(args) -> int:
     out = Path(args.output)
     if out.exists() and not args.overwrite:
         raise InputError(f"{out} already exists; pass --overwrite to replace it or choose another --output")
-    if ds.is_cache(args.data):
+    if caches.is_cache(args.data):
         raise InputError(f"{args.data} is already a prepared cache; train from it directly")
     progress = Progress(args.progress)
-    cases = ds.find_cases(args.data, task)
-    ds.prepare_cache(cases, task, out, progress=progress, workers=args.workers,
-                     source=str(Path(args.data).resolve()), fingerprint=ds.source_fingerprint(cases))
+    cases = layouts.find_cases(args.data, task)
+    caches.prepare_cache(cases, task, out, progress=progress, workers=args.workers,
+                     source=str(Path(args.data).resolve()), fingerprint=caches.source_fingerprint(cases))
     n_lab = sum(1 for c in cases if c.labelled)
-    progress.result(str(out), cases=len(cases), labelled=n_lab, layout=ds.layout_of(cases))
+    progress.result(str(out), cases=len(cases), labelled=n_lab, layout=layouts.layout_of(cases))
     if progress.mode != "json":
-        print(f"{out}: {len(cases)} cases ({n_lab} labelled, layout {ds.layout_of(cases)})")
+        print(f"{out}: {len(cases)} cases ({n_lab} labelled, layout {layouts.layout_of(cases)})")
     return 0

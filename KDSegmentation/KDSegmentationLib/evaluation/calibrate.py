@@ -46,7 +46,7 @@ def _case_probability(case, task, loaded, dev) -> Tuple[np.ndarray, np.ndarray, 
 
         prob, consensus, select = lidc_nodule_probability(case, loaded, dev)
         return prob, consensus, None, select
-    from KDSegmentationLib.training.datasets import _read_mask_2d, _read_sitk
+    from KDSegmentationLib.training.reading import _read_mask_2d, _read_sitk
     from KDSegmentationLib.inference.segment import segment_image
 
     image = _read_sitk(case.image)
@@ -59,7 +59,8 @@ def _case_probability(case, task, loaded, dev) -> Tuple[np.ndarray, np.ndarray, 
 def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_GRID, device: str = "cpu",
               threads: Optional[int] = None) -> Dict:
     """Mean validation Dice per threshold and the best one, for the model file ``model`` on ``data_dir``."""
-    from KDSegmentationLib.training.datasets import find_cases, is_cache
+    from KDSegmentationLib.training.cache import is_cache
+    from KDSegmentationLib.training.layouts import find_cases
     from KDSegmentationLib.inference.device import pick_device
     from KDSegmentationLib.models.files import load_model
 

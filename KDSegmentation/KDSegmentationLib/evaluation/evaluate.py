@@ -80,7 +80,7 @@ def evaluate_dataset(task_name: str, data_dir: str, model: str = "student", devi
                      split: str = "test", threads: Optional[int] = None, progress_mode: str = "none",
                      case_ids: Optional[List[str]] = None) -> Dict:
     """Run the model on every case of ``split`` (or the named cases) the way a user would; compare with references."""
-    from KDSegmentationLib.training.datasets import find_cases
+    from KDSegmentationLib.training.layouts import find_cases
     from KDSegmentationLib.inference.device import pick_device
     from KDSegmentationLib.inference.segment import load_task_model
     from KDSegmentationLib.evaluation.metrics import mean_metrics
@@ -126,7 +126,7 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
     """Read the case's image, run exactly the ``kdseg segment`` pipeline, compare on the input grid."""
     import SimpleITK as sitk
 
-    from KDSegmentationLib.training.datasets import _ct_label_image, _read_mask_2d, _read_sitk
+    from KDSegmentationLib.training.reading import _ct_label_image, _read_mask_2d, _read_sitk
     from KDSegmentationLib.io.suitability import check_image_for_task
     from KDSegmentationLib.inference.segment import segment_image
     from KDSegmentationLib.evaluation.metrics import segmentation_metrics
@@ -178,7 +178,8 @@ def lidc_nodule_probability(case, loaded, dev):
     from KDSegmentationLib.inference.inferer import Inferer
     from KDSegmentationLib.tasks.components import select_component
     from KDSegmentationLib.tasks import LUNG_NODULE
-    from KDSegmentationLib.tasks.lung_nodule import LungNodulePipeline, load_nodule
+    from KDSegmentationLib.tasks.lung_nodule import LungNodulePipeline
+    from KDSegmentationLib.tasks.lidc import load_nodule
 
     images, _, consensus, _ = load_nodule(case.record)
     prepared = LungNodulePipeline(LUNG_NODULE).prepare_crops(images)

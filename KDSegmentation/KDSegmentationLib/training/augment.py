@@ -205,7 +205,7 @@ def _ct_aug():
 
 
 def normalise_region(rgb: np.ndarray, fov: np.ndarray, diameter: float) -> np.ndarray:
-    """``preprocess.fundus_input`` of a crop, as the whole photo would be normalised: (h, w, 3) uint8 + (h, w) bool
+    """``retina.fundus_input`` of a crop, as the whole photo would be normalised: (h, w, 3) uint8 + (h, w) bool
     -> (3, h, w) float32.
 
     The normalisation's Gaussians scale with the FOV diameter, which it measures as the mask's widest row; a crop
@@ -213,7 +213,7 @@ def normalise_region(rgb: np.ndarray, fov: np.ndarray, diameter: float) -> np.nd
     photo's full diameter below it. The strip is thinner than the rim that the statistics skip, so it only sets the
     diameter; inside a 256 px patch this matches whole-photo normalisation to ~1 % (a plain crop is off by ~20 %).
     """
-    from KDSegmentationLib.tasks import preprocess
+    from KDSegmentationLib.tasks import retina
 
     h, w = fov.shape
     strip, gap = 5, 16
@@ -225,7 +225,7 @@ def normalise_region(rgb: np.ndarray, fov: np.ndarray, diameter: float) -> np.nd
     mask[-strip:, :int(round(diameter))] = True
     if not fov.any():
         return np.zeros((3, h, w), np.float32)
-    return np.asarray(preprocess.fundus_input(canvas, mask), np.float32)[:, :h, :w]
+    return np.asarray(retina.fundus_input(canvas, mask), np.float32)[:, :h, :w]
 
 
 # soft-tissue enhancement change drawn by :func:`contrast_phase_shift`, in HU. The training livers are portal-venous
@@ -243,11 +243,11 @@ def contrast_phase_shift(hu: np.ndarray, delta: float) -> np.ndarray:
 
 
 def ct_intensity(hu: np.ndarray, task: TaskSpec, rng: np.random.Generator, augment: bool) -> np.ndarray:
-    """HU region (z, y, x) -> network input float32 (z, y, x) in the task window (``preprocess.ct_window``), with
+    """HU region (z, y, x) -> network input float32 (z, y, x) in the task window (``ct.ct_window``), with
     scanner/protocol variation: another contrast phase (soft tissue shifted by :data:`PHASE_SHIFT_HU`), HU scale
     +-10 % and offset +-30 HU (calibration) before windowing; gamma, contrast, blur, noise after it; and thicker
     slices (with the contrast phase, the largest shifts between hospitals' CT)."""
-    from KDSegmentationLib.tasks import preprocess
+    from KDSegmentationLib.tasks import ct
 
     x = hu.astype(np.float32)
     if augment:
@@ -256,7 +256,7 @@ def ct_intensity(hu: np.ndarray, task: TaskSpec, rng: np.random.Generator, augme
         on_hu, on_window = _ct_aug()
         on_hu.set_random_state(seed=int(rng.integers(2 ** 31)))
         x = np.asarray(on_hu(x[None]))[0]
-    x = np.asarray(preprocess.ct_window(x, task), np.float32)
+    x = np.asarray(ct.ct_window(x, task), np.float32)
     if not augment:
         return x
     if rng.random() < 0.15 and x.shape[0] >= 4:

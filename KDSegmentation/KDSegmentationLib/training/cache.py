@@ -35,6 +35,9 @@ from KDSegmentationLib.tasks import TaskSpec
 from KDSegmentationLib.training.layouts import Case, find_cases, layout_of
 from KDSegmentationLib.training.reading import prepare_case
 
+# Bump when a task's preparation (tasks/ct.py, tasks/retina.py, tasks/lung_nodule.py) changes its output: caches
+# made by the old preparation are then rebuilt.
+PREPROCESS_VERSION = "1"
 CACHE_FORMAT = "kdseg-cache/1"
 
 
@@ -64,12 +67,7 @@ def task_preprocessing(task: TaskSpec) -> Dict[str, Any]:
         d["hu_window"] = list(task.hu_window)
     if task.fov_diameter_px is not None:
         d["fov_diameter_px"] = task.fov_diameter_px
-    try:
-        from KDSegmentationLib.tasks import preprocess
-
-        d["preprocess_version"] = str(getattr(preprocess, "VERSION", getattr(preprocess, "__version__", "1")))
-    except Exception:  # the module is optional for reading caches
-        pass
+    d["preprocess_version"] = PREPROCESS_VERSION
     return d
 
 

@@ -191,11 +191,11 @@ def detect_lidc(root: Path, task: TaskSpec) -> Optional[List[Case]]:
         root = root / "LIDC-IDRI-slices"
     if not any(p.is_dir() and p.name.startswith("LIDC-IDRI-") and any(p.glob("nodule-*")) for p in root.iterdir()):
         return None
-    from KDSegmentationLib.tasks import lung_nodule as lung
+    from KDSegmentationLib.tasks import lidc
 
-    records = lung.iter_lidc_nodules(root)
+    records = lidc.iter_lidc_nodules(root)
     ids = [r.patient_id for r in records]
-    splits = lung.split_patients(sorted(set(ids)), seed=0)
+    splits = lidc.split_patients(sorted(set(ids)), seed=0)
     split_of = {pid: name for name, pids in splits.items() for pid in pids}
     cases, counter = [], {}
     for rec in records:

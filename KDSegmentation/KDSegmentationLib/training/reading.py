@@ -59,28 +59,28 @@ def _ct_label_image(case: Case):
 
 def _prepare_retina(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
     from KDSegmentationLib.io import images as imageio
-    from KDSegmentationLib.tasks import preprocess
+    from KDSegmentationLib.tasks import retina
 
     rgb = imageio.photo_to_array(_read_sitk(case.image))
     # the field of view is found from the photo exactly as at inference (a dataset's own FOV mask is kept apart,
     # for metrics only): rescaling and normalisation then match what the model will see
-    prep = preprocess.prepare_fundus(rgb, task, fov=None)
+    prep = retina.prepare_fundus(rgb, task, fov=None)
     out = {"image": np.ascontiguousarray(prep.rgb, dtype=np.uint8), "fov": np.asarray(prep.fov, bool),
            "scale": np.float64(prep.scale)}
     if case.fov:
-        out["fov_ref"] = preprocess.prepare_fundus_label(_read_mask_2d(case.fov), prep).astype(bool)
+        out["fov_ref"] = retina.prepare_fundus_label(_read_mask_2d(case.fov), prep).astype(bool)
     if case.label:
-        out["label"] = np.asarray(preprocess.prepare_fundus_label(_read_mask_2d(case.label), prep), np.uint8)
+        out["label"] = np.asarray(retina.prepare_fundus_label(_read_mask_2d(case.label), prep), np.uint8)
     return out
 
 
 def _prepare_ct_volume(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
-    from KDSegmentationLib.tasks import preprocess
+    from KDSegmentationLib.tasks import ct
 
-    prep = preprocess.prepare_ct_volume(_read_sitk(case.image), task)
+    prep = ct.prepare_ct_volume(_read_sitk(case.image), task)
     out = {"image": np.asarray(prep.hu, np.int16), "spacing": np.asarray(prep.grid.GetSpacing(), np.float64)}
     if case.labelled:
-        lab = np.asarray(preprocess.prepare_ct_label(_ct_label_image(case), prep), np.uint8)
+        lab = np.asarray(ct.prepare_ct_label(_ct_label_image(case), prep), np.uint8)
         if lab.shape != out["image"].shape:
             raise InputError(f"label of case {case.case_id} did not resample onto its image grid")
         out["label"] = lab
@@ -109,9 +109,9 @@ def _slices_uint8(path: str, task: TaskSpec) -> np.ndarray:
 
 def _prepare_slices(case: Case, task: TaskSpec) -> Dict[str, np.ndarray]:
     if case.record is not None:
-        from KDSegmentationLib.tasks import lung_nodule as lung
+        from KDSegmentationLib.tasks import lidc
 
-        images, _readers, consensus, soft = lung.load_nodule(case.record)
+        images, _readers, consensus, soft = lidc.load_nodule(case.record)
         return {"image": np.asarray(images, np.uint8), "label": np.asarray(consensus > 0, np.uint8),
                 "soft": np.asarray(soft, np.float16)}
     out = {"image": _slices_uint8(case.image, task)}

@@ -23,13 +23,13 @@ def network_input(arrays: Dict[str, np.ndarray], task: TaskSpec) -> np.ndarray:
     """Whole-case network input without augmentation: CT (1, z, y, x); retina (3, h, w); nodule slices (n, 2, h, w)
     (intensity and the click map at the crop centre)."""
     if task.input_kind == "2d-rgb":
-        from KDSegmentationLib.tasks import preprocess
+        from KDSegmentationLib.tasks import ct, retina
 
-        return np.asarray(preprocess.fundus_input(arrays["image"], arrays["fov"]), np.float32)
+        return np.asarray(retina.fundus_input(arrays["image"], arrays["fov"]), np.float32)
     if task.spatial_dims == 3:
-        from KDSegmentationLib.tasks import preprocess
+        from KDSegmentationLib.tasks import ct, retina
 
-        return np.asarray(preprocess.ct_window(arrays["image"], task), np.float32)[None]
+        return np.asarray(ct.ct_window(arrays["image"], task), np.float32)[None]
     from KDSegmentationLib.tasks.lung_nodule import network_stack
 
     return network_stack(arrays["image"].astype(np.float32) / 255.0)
