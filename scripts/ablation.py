@@ -16,9 +16,9 @@ Methods (``--methods``, default all), each a loss spec of ``losses.py``; overrid
     affinity   seg=1,affinity=1           pooled pairwise affinity (structured KD)
 
 Test cases: ``--test-data DIR``, else the dataset's own test split (DRIVE test, CHASE_DB1 children 11-14, the LIDC
-test patients). Dice is computed with ``metrics.segmentation_metrics`` on the model grid (retina: inside the FOV;
-lung: per nodule over its slice stack; liver: per volume), i.e. the comparison between methods is exact, while
-``kdseg evaluate`` gives the numbers on the original image grid for the model cards. Finished runs are reused
+test patients). Every run is scored exactly as ``kdseg evaluate`` scores a model for its card: the deployment
+inferer, the model's decision threshold, Dice on the original image grid (retina: inside the FOV; lung: per nodule
+over its slice stack; liver: per volume). Finished runs are reused
 (``<out>/<method>_seed<k>.kdseg.pt``) and interrupted ones resumed, so the script can be run again after a stop.
 Writes ``<out>/ablation.json`` and ``<out>/ablation.md``.
 """
@@ -95,50 +95,34 @@ def needs_teacher(spec: str) -> bool:
     return any(LOSSES[name].needs_teacher for name in parse_loss_spec(spec))
 
 
-def test_cases(args, task):
-    """(case, arrays) of the held-out test cases."""
-    from KDSegmentationLib.training import cache as caches
+def test_selection(args):
+    """(dataset folder, split) of the held-out test cases: ``--test-data`` whole, else the test split of ``--data``.
+    Both must be original images: every run is scored as ``kdseg evaluate`` scores a model."""
+    from KDSegmentationLib.training.cache import is_cache
 
-    if args.test_data:
-        cache = caches.ensure_cache(args.test_data, task, Path(args.cache) / "test" if args.cache else None)
-        cases = [c for c in cache.cases if c.labelled]
-    else:
-        cache = caches.ensure_cache(args.data, task, Path(args.cache) / "data" if args.cache else None)
-        cases = [c for c in cache.cases if c.labelled and c.split == "test"]
-    if not cases:
-        raise SystemExit("no labelled test cases: pass --test-data DIR (the dataset has no test split)")
-    return [(c, caches.load_arrays(c)) for c in cases]
+    data, split = (args.test_data, "all") if args.test_data else (args.data, "test")
+    if is_cache(data):
+        raise SystemExit(f"{data} is a prepared cache; the ablation scores on the original images, as kdseg "
+                         "evaluate does: pass --test-data DIR of original images")
+    return data, split
 
 
-def evaluate(model_path: Path, cases, task, device) -> Dict[str, float]:
-    """Mean Dice per label (and 'mean' over labels) over the test cases, with metrics.segmentation_metrics."""
-    import torch
+def test_case_ids(selection, task) -> List[str]:
+    from KDSegmentationLib.evaluation.evaluate import select_split
+    from KDSegmentationLib.training.layouts import find_cases
 
-    from KDSegmentationLib.training import sampling
-    from KDSegmentationLib.evaluation.metrics import segmentation_metrics
-    from KDSegmentationLib.models.files import load_model
-    from KDSegmentationLib.training.validation import predict_labels
+    cases, _ = select_split(find_cases(selection[0], task), selection[1])
+    return [c.case_id for c in cases]
 
-    net = load_model(model_path, device=str(device)).network
-    labels = {lab.value: lab.name for lab in task.labels}
-    roi = tuple(reversed(task.roi_size))
-    slices = task.spatial_dims == 2 and task.input_kind != "2d-rgb"
-    per_label: Dict[str, List[float]] = {name: [] for name in labels.values()}
-    for case, arrays in cases:
-        x = torch.from_numpy(sampling.network_input(arrays, task))
-        pred = predict_labels(net, x if slices else x[None], roi, device)
-        pred = pred if slices else pred[0]
-        ref = arrays["label"]
-        if task.input_kind == "2d-rgb":
-            spacing, mask = (1.0, 1.0), arrays.get("fov_ref", arrays["fov"])
-        elif slices:
-            spacing, mask = (1.0, 1.0, 1.0), None
-        else:
-            spacing, mask = tuple(float(s) for s in arrays.get("spacing", task.spacing_mm)), None
-        m = segmentation_metrics(pred, ref, spacing, labels, mask=mask)
-        for name in labels.values():
-            per_label[name].append(m[name]["dice"])
-    out = {name: float(np.mean(v)) for name, v in per_label.items()}
+
+def evaluate(model_path: Path, selection, task, device) -> Dict[str, float]:
+    """Mean Dice per label (and 'mean' over labels) over the test cases, through ``kdseg evaluate``'s pipeline:
+    the deployment inferer, the model's own decision threshold, the input grid."""
+    from KDSegmentationLib.evaluation.evaluate import evaluate_dataset
+
+    data, split = selection
+    result = evaluate_dataset(task.name, data, model=str(model_path), device=str(device), split=split)
+    out = {name: float(m["dice"]["mean"]) for name, m in result["mean"].items()}
     out["mean"] = float(np.mean(list(out.values())))
     return out
 
@@ -159,7 +143,7 @@ def run(args) -> Dict:
     methods = methods_from(args)
     patch = [int(v) for v in args.patch.split(",")] if args.patch else None
     device = pick_device(args.device)
-    cases = test_cases(args, task)
+    selection = test_selection(args)
     runs = []
     for name, spec in methods.items():
         for seed in seeds:
@@ -176,7 +160,7 @@ def run(args) -> Dict:
                                   resume=Path(str(model) + ".ckpt").is_dir(),
                                   command_line="scripts/ablation.py " + " ".join(sys.argv[1:]))
                 train(cfg)
-            dice = evaluate(model, cases, task, device)
+            dice = evaluate(model, selection, task, device)
             runs.append({"method": name, "spec": spec, "seed": seed, "model": model.name, "dice": dice,
                          "seconds": round(time.perf_counter() - t0, 1)})
             print(f"{name:12s} seed {seed}: Dice {dice['mean']:.4f}", flush=True)
@@ -184,7 +168,7 @@ def run(args) -> Dict:
                 torch.cuda.empty_cache()
     table = summarise(runs, methods, task)
     result = {"task": task.name, "data": args.data, "teacher": args.teacher, "test_data": args.test_data
-              or "test split of --data", "test_cases": [c.case_id for c, _ in cases], "seeds": seeds,
+              or "test split of --data", "test_cases": test_case_ids(selection, task), "seeds": seeds,
               "budget": {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
                          "batch_size": args.batch_size, "patch": patch},
               "alpha": args.alpha, "temperature": args.temperature, "runs": runs, "table": table}

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.training.distiller import Distiller
-from KDSegmentationLib.training.losses import (LOSSES, CompositeLoss, build_losses, channel_wise_kl, kl_per_voxel,
-                                               parse_loss_spec)
+from KDSegmentationLib.training.feature_losses import channel_wise_kl
+from KDSegmentationLib.training.losses import LOSSES, CompositeLoss, build_losses, kl_per_voxel, parse_loss_spec
 from KDSegmentationLib.models.networks import build_network
 
 CH_S = {"enc1": 4, "bottleneck": 6, "dec1": 4}

@@ -282,7 +282,17 @@ def test_cancel_file_stops_cleanly(small_drive, tmp_path):
     assert not (tmp_path / "n.kdseg.pt").exists() and not (tmp_path / "n.kdseg.pt.ckpt").exists()
 
 
-def test_ablation_script_tabulates_methods_over_seeds(small_drive, teacher, tmp_path):
+def _two_drive_test_photos(shared_data, folder: Path) -> Path:
+    """Two DRIVE test photos with their masks, in DRIVE's own layout (original images, linked)."""
+    src = require(shared_data / "retina" / "DRIVE" / "test")
+    for sub in ("images", "1st_manual", "mask"):
+        (folder / "test" / sub).mkdir(parents=True)
+        for f in sorted((src / sub).iterdir())[:2]:
+            (folder / "test" / sub / f.name).symlink_to(f)
+    return folder
+
+
+def test_ablation_script_tabulates_methods_over_seeds(small_drive, teacher, shared_data, tmp_path):
     import importlib.util
 
     from conftest import REPO
@@ -292,10 +302,12 @@ def test_ablation_script_tabulates_methods_over_seeds(small_drive, teacher, tmp_
     spec.loader.exec_module(ablation)
     out = tmp_path / "abl"
     ablation.main(["--task", "retina", "--data", str(small_drive), "--teacher", str(teacher),
-                   "--test-data", str(small_drive), "--out", str(out), "--methods", "seg,kd",
+                   "--test-data", str(_two_drive_test_photos(shared_data, tmp_path / "DRIVE")), "--out", str(out),
+                   "--methods", "seg,kd",
                    "--spec", "hint:seg=1,hint=0.5", "--seeds", "0,1", "--steps", "2", "--batch-size", "4",
                    "--patch", "32,32", "--val-fraction", "0", "--device", "cpu", "--workers", "0"])
     result = json.loads((out / "ablation.json").read_text())
+    assert result["test_cases"] == ["01_test", "02_test"]
     assert [r["method"] for r in result["table"]] == ["seg", "kd", "hint"]
     assert all(r["n"] == 2 for r in result["table"]) and "delta_vs_seg" in result["table"][1]
     assert read_header(out / "seg_seed0.kdseg.pt")["card"]["teacher"] is None  # the baseline has no teacher

@@ -175,6 +175,35 @@ def read_dicom_folder(folder, warn: Warn = None, task=None, max_voxels: int = DE
     """
     folder = Path(folder)
     w = warn_fn(warn)
+    dirpath, uid, files, series = _largest_series(folder)
+    n_series = len(series)
+    if n_series > 1:
+        w(f"{n_series} DICOM series found in {folder.name}; loading the largest ({len(files)} files, series {uid})")
+    infos = _readable_slice_infos(folder, files)
+    listed = {os.path.normpath(f) for names in series.values() for f in names}
+    broken = _unreadable_series_files(dirpath, uid, _sop_class(infos[0][0]), listed)
+    if broken:
+        raise InputError(f"{len(broken)} file(s) of the DICOM series in {folder.name} are damaged and cannot be read: "
+                         f"{_names(broken)}; copy or export the series again")
+    check_geometry((1.0, 1.0, 1.0), infos[0][2].ravel(), f"the DICOM series in {folder.name}")
+    if len(infos) > 1:
+        files = _files_on_the_slice_grid(infos, folder.name, w)
+    check_size((*infos[0][3], len(files)), 1, task, max_voxels, 2)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        with library_output_to_log():
+            image = reader.Execute()
+    except RuntimeError as exc:
+        bad = _first_unreadable(files)
+        which = f"{Path(bad).name} cannot be read" if bad else first_line(exc)
+        raise InputError(f"cannot read the DICOM series in {folder}: {which}; export the series again") from None
+    check_geometry(image.GetSpacing(), image.GetDirection(), f"the DICOM series in {folder.name}")
+    return image
+
+
+def _largest_series(folder: Path):
+    """(directory, series UID, its files, every series found) of the series with the most files."""
     _check_folder_entries(folder)
     try:
         with library_output_to_log():
@@ -184,9 +213,11 @@ def read_dicom_folder(folder, warn: Warn = None, task=None, max_voxels: int = DE
     if not series:
         raise InputError(f"no DICOM series found in {folder}; choose a folder that holds the DICOM files of one scan")
     (dirpath, uid), files = max(series.items(), key=lambda kv: len(kv[1]))
-    if len(series) > 1:
-        w(f"{len(series)} DICOM series found in {folder.name}; loading the largest ({len(files)} files, series {uid})")
+    return dirpath, uid, files, series
 
+
+def _readable_slice_infos(folder: Path, files: Sequence[str]):
+    """Position and orientation of every slice; refused when a file is unreadable or its axes are sheared."""
     failed: List[str] = []
     sheared: List[str] = []
     with library_output_to_log():
@@ -200,38 +231,24 @@ def read_dicom_folder(folder, warn: Warn = None, task=None, max_voxels: int = DE
                          f"wrong; export the series again or resample it onto an orthogonal grid")
     if not infos:
         raise InputError(f"the DICOM files in {folder} are unreadable or corrupt; export the series again")
-    listed = {os.path.normpath(f) for names in series.values() for f in names}
-    broken = _unreadable_series_files(dirpath, uid, _sop_class(infos[0][0]), listed)
-    if broken:
-        raise InputError(f"{len(broken)} file(s) of the DICOM series in {folder.name} are damaged and cannot be read: "
-                         f"{_names(broken)}; copy or export the series again")
-    check_geometry((1.0, 1.0, 1.0), infos[0][2].ravel(), f"the DICOM series in {folder.name}")
-    if len(infos) > 1:
-        # keep the slices that share the majority's in-plane size and orientation (drops localisers)
-        keys = [(size, tuple(np.round(d[:, :2].ravel(), 4))) for _f, _o, d, size in infos]
-        major = max(set(keys), key=keys.count)
-        kept = [info for info, k in zip(infos, keys) if k == major]
-        normal = kept[0][2][:, 2]
-        kept.sort(key=lambda t: float(np.dot(t[1], normal)))
-        pos = np.array([float(np.dot(t[1], normal)) for t in kept])
-        run, _left_out = _regular_slices(pos, [f for f, *_ in kept], folder.name)
-        dropped = sorted(set(f for f, *_ in infos) - set(run))
-        if dropped:
-            w(f"left out {len(dropped)} DICOM slice(s) that are off the regular slice grid of the series: "
-              f"{_names(dropped)}")
-        files = run
-    check_size((*infos[0][3], len(files)), 1, task, max_voxels, 2)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        with library_output_to_log():
-            image = reader.Execute()
-    except RuntimeError as exc:
-        bad = _first_unreadable(files)
-        which = f"{Path(bad).name} cannot be read" if bad else first_line(exc)
-        raise InputError(f"cannot read the DICOM series in {folder}: {which}; export the series again") from None
-    check_geometry(image.GetSpacing(), image.GetDirection(), f"the DICOM series in {folder.name}")
-    return image
+    return infos
+
+
+def _files_on_the_slice_grid(infos, folder_name: str, warn) -> List[str]:
+    """The files of the majority's in-plane size and orientation (drops localisers) on one regular slice grid, in
+    slice order; the others are left out with a warning naming them."""
+    keys = [(size, tuple(np.round(d[:, :2].ravel(), 4))) for _f, _o, d, size in infos]
+    major = max(set(keys), key=keys.count)
+    kept = [info for info, k in zip(infos, keys) if k == major]
+    normal = kept[0][2][:, 2]
+    kept.sort(key=lambda t: float(np.dot(t[1], normal)))
+    pos = np.array([float(np.dot(t[1], normal)) for t in kept])
+    run, _left_out = _regular_slices(pos, [f for f, *_ in kept], folder_name)
+    dropped = sorted(set(f for f, *_ in infos) - set(run))
+    if dropped:
+        warn(f"left out {len(dropped)} DICOM slice(s) that are off the regular slice grid of the series: "
+             f"{_names(dropped)}")
+    return run
 
 
 def _check_folder_entries(folder: Path) -> None:

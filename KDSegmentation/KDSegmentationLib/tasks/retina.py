@@ -148,12 +148,20 @@ def normalise_fundus(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if not weight.any():
         weight = mask
     inner = _erode(mask, int(round(d * EDGE_FRACTION)))
+    x = rgb[..., :3].transpose(2, 0, 1).astype(np.float32)
+    bg, s_w, s_x, s_xx, k = _background(x, weight, d)
+    inv_std, q = _inverse_local_std(bg, s_w, s_x, s_xx, d, k)
+    return _normalised(x, bg, inv_std, ~inner, k, q)
 
-    # the Gaussians run on a grid k times coarser (sigma ~2 coarse pixels), then a linear upsample: ~10x faster
+
+def _background(x: np.ndarray, weight: np.ndarray, d: float):
+    """Illumination background per channel from FOV pixels only, on a grid k times coarser (sigma ~2 coarse pixels,
+    then a linear upsample: ~10x faster). x: (3, H, W) float32. Returns (bg, s_w, s_x, s_xx, k): the background and
+    the block sums of the weight, weight * x and weight * x^2 on the coarse grid."""
+    h, w = weight.shape
     sigma_bg = d * BACKGROUND_SIGMA
     k = max(1, int(sigma_bg // 2))
     hp, wp = -(-h // k) * k, -(-w // k) * k
-    x = rgb[..., :3].transpose(2, 0, 1).astype(np.float32)
     # rows: weight, weight * x (3), weight * x^2 (3); zero padding to whole blocks carries no weight
     acc = np.zeros((7, hp, wp), dtype=np.float32)
     acc[0, :h, :w] = weight
@@ -161,10 +169,13 @@ def normalise_fundus(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     np.multiply(acc[1:4, :h, :w], x, out=acc[4:7, :h, :w])
     sums = _block_sums(acc, k)
     s_w, s_x, s_xx = sums[0], sums[1:4], sums[4:7]
+    return _smooth_ratio(s_x, s_w, sigma_bg / k), s_w, s_x, s_xx, k
 
-    bg = _smooth_ratio(s_x, s_w, sigma_bg / k)
-    # local variance of (x - bg) with bg constant within a block: E[x^2] - 2 bg E[x] + bg^2. Its Gaussian is ~4x
-    # wider, so it runs on a grid q times coarser again, which also makes its upsample q times cheaper.
+
+def _inverse_local_std(bg, s_w, s_x, s_xx, d: float, k: int):
+    """1 / local standard deviation of (x - bg), floored at CONTRAST_FLOOR of its FOV median; on a grid q times
+    coarser again (its Gaussian is ~4x wider, which also makes its upsample q times cheaper). Returns (1/std, q)."""
+    # local variance with bg constant within a block: E[x^2] - 2 bg E[x] + bg^2
     var_block = np.maximum(s_xx - 2.0 * bg * s_x + bg * bg * s_w, 0.0)
     sigma_std = d * CONTRAST_SIGMA / k
     q = max(1, int(sigma_std // 2))
@@ -179,13 +190,16 @@ def normalise_fundus(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
         vals = std[c][inside] if inside.any() else std[c].ravel()
         floor = CONTRAST_FLOOR * float(np.median(vals)) if vals.size else 1.0
         std[c] = np.maximum(std[c], max(floor, 1e-3))
-    inv_std = 1.0 / std
+    return 1.0 / std, q
 
-    up_r = _upsample_matrix(h, s_w.shape[0], k)
-    up_c = np.ascontiguousarray(_upsample_matrix(w, s_w.shape[1], k).T)
-    up_r2 = _upsample_matrix(h, std.shape[1], k * q)
-    up_c2 = np.ascontiguousarray(_upsample_matrix(w, std.shape[2], k * q).T)
-    outside = ~inner
+
+def _normalised(x: np.ndarray, bg, inv_std, outside: np.ndarray, k: int, q: int) -> np.ndarray:
+    """(x - background) / local std, upsampled from the coarse grids, clipped, 0 in the ``outside`` band."""
+    h, w = x.shape[1:]
+    up_r = _upsample_matrix(h, bg.shape[1], k)
+    up_c = np.ascontiguousarray(_upsample_matrix(w, bg.shape[2], k).T)
+    up_r2 = _upsample_matrix(h, inv_std.shape[1], k * q)
+    up_c2 = np.ascontiguousarray(_upsample_matrix(w, inv_std.shape[2], k * q).T)
     out = np.empty((3, h, w), dtype=np.float32)
     for c in range(3):
         o = out[c]

@@ -23,11 +23,11 @@ def network_input(arrays: Dict[str, np.ndarray], task: TaskSpec) -> np.ndarray:
     """Whole-case network input without augmentation: CT (1, z, y, x); retina (3, h, w); nodule slices (n, 2, h, w)
     (intensity and the click map at the crop centre)."""
     if task.input_kind == "2d-rgb":
-        from KDSegmentationLib.tasks import ct, retina
+        from KDSegmentationLib.tasks import retina
 
         return np.asarray(retina.fundus_input(arrays["image"], arrays["fov"]), np.float32)
     if task.spatial_dims == 3:
-        from KDSegmentationLib.tasks import ct, retina
+        from KDSegmentationLib.tasks import ct
 
         return np.asarray(ct.ct_window(arrays["image"], task), np.float32)[None]
     from KDSegmentationLib.tasks.lung_nodule import network_stack

@@ -1,4 +1,4 @@
-"""Validation during training: whole-image predictions of the network being trained, scored by Dice.
+"""Validation during training: the network being trained through the deployment inferer, scored by the one Dice.
 
 The entry point is :func:`validate`; :class:`ValItem` is what it scores (built by :func:`val_item`).
 """
@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from KDSegmentationLib.evaluation.metrics import dice
 from KDSegmentationLib.tasks import TaskSpec
 
 
@@ -41,38 +42,25 @@ def val_item(case_id: str, arrays: Dict[str, np.ndarray], task: TaskSpec, vs_tea
 
 def dice_per_label(pred: np.ndarray, ref: np.ndarray, values: Sequence[int],
                    mask: Optional[np.ndarray] = None) -> Dict[int, float]:
-    """Dice per label value; NaN where the label is absent from both (it then does not count in means)."""
+    """:func:`evaluation.metrics.dice` per label value (a label absent from both scores 1.0), inside ``mask``."""
     if mask is not None:
         pred, ref = pred[mask], ref[mask]
-    out = {}
-    for v in values:
-        p, r = pred == v, ref == v
-        s = int(p.sum()) + int(r.sum())
-        out[v] = 2.0 * int(np.count_nonzero(p & r)) / s if s else float("nan")
-    return out
-
-
-def _nanmean(values) -> float:
-    vals = [v for v in values if v == v]
-    return float(np.mean(vals)) if vals else float("nan")
+    return {v: dice(pred == v, ref == v) for v in values}
 
 
 def predict_labels(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], device: torch.device,
                    amp: bool = True) -> np.ndarray:
-    """Whole image/volume prediction with MONAI's sliding window over ``roi`` (array order). x (B, C, *S) ->
-    argmax labels (B, *S) uint8; for slice stacks B is the number of slices."""
-    from monai.inferers import sliding_window_inference
+    """Labels of the deployment inferer (the forward ``kdseg segment`` runs) on model-grid inputs.
 
+    x (B, C, *S) -> argmax labels (B, *S) uint8; for slice stacks B is the number of slices, run in chunks of 64.
+    ``amp`` is kept for callers; the inferer's own precision (float16 on CUDA, float32 on CPU) is used.
+    """
+    from KDSegmentationLib.inference.inferer import Inferer
+
+    inferer = Inferer(net, device)
     roi = tuple(min(r, s) for r, s in zip(roi, x.shape[2:]))
-    use_amp = amp and device.type == "cuda"
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        out = []
-        # slice stacks: chunks of slices, each a one-window "image"
-        for chunk in torch.split(x, 64 if x.dim() == 4 and x.shape[0] > 1 else 1):
-            logits = sliding_window_inference(chunk.to(device), roi_size=roi, sw_batch_size=8, predictor=net,
-                                              overlap=0.25, mode="gaussian")
-            out.append(logits.float().argmax(1).to(torch.uint8).cpu())
-    return torch.cat(out).numpy()
+    chunks = torch.split(x, 64 if x.dim() == 4 and x.shape[0] > 1 else 1)
+    return torch.cat([inferer.probabilities(c, roi).argmax(1).to(torch.uint8).cpu() for c in chunks]).numpy()
 
 
 def _reference(item: ValItem, roi, device, amp, teacher_preds: Dict[str, np.ndarray],
@@ -88,7 +76,7 @@ def validate(net: torch.nn.Module, items: Sequence[ValItem], task: TaskSpec, roi
              device: torch.device, amp: bool = True, teacher_preds: Optional[Dict[str, np.ndarray]] = None,
              teacher: Optional[torch.nn.Module] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> Optional[Dict[str, Any]]:
-    """Score ``net`` on ``items``: {'val_dice': mean over cases (each case: mean over its labels present),
+    """Score ``net`` on ``items``: {'val_dice': mean over cases (each case: mean over its labels),
     'per_label': {label name: mean Dice}, 'vs_teacher': whether every reference is the teacher's}; None when
     ``should_stop()`` became true meanwhile. ``teacher_preds`` caches the teacher's predictions between calls."""
     teacher_preds = {} if teacher_preds is None else teacher_preds
@@ -105,13 +93,12 @@ def validate(net: torch.nn.Module, items: Sequence[ValItem], task: TaskSpec, roi
             pred = pred.reshape(ref.shape)
             mask = None if item.mask is None else np.broadcast_to(item.mask, ref.shape)
             d = dice_per_label(pred, ref, values, mask)
-            per_case.append(_nanmean(d.values()))
+            per_case.append(float(np.mean(list(d.values()))))
             for v in values:
                 per_label[v].append(d[v])
     finally:
         net.train(was_training)
     names = {lab.value: lab.name for lab in task.labels}
-    mean = _nanmean(per_case)
-    return {"val_dice": 1.0 if mean != mean else mean,
-            "per_label": {names[v]: _nanmean(per_label[v]) for v in values},
+    return {"val_dice": float(np.mean(per_case)) if per_case else 1.0,
+            "per_label": {names[v]: float(np.mean(per_label[v])) if per_label[v] else 1.0 for v in values},
             "vs_teacher": all(i.vs_teacher for i in items)}
