@@ -3,7 +3,6 @@ task, deleting a locally distilled model, and the next versioned file name of a 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Union
 
@@ -17,22 +16,12 @@ def is_local_model(entry: Dict[str, Any]) -> bool:
     return entry.get(P.MODEL_SOURCE) == P.SOURCE_LOCAL
 
 
-def next_model_path(folder, task: str, kind: str = "student_local") -> Path:
-    """A new versioned file name in ``folder`` (``liver_student_local_v3.kdseg.pt``); never an existing file."""
-    folder = Path(folder)
-    pattern = re.compile(rf"^{re.escape(task)}_{re.escape(kind)}_v(\d+){re.escape(MODEL_SUFFIX)}$")
-    versions = [0]
-    if folder.is_dir():
-        for p in folder.iterdir():
-            m = pattern.match(p.name)
-            if m:
-                versions.append(int(m.group(1)))
-    version = max(versions) + 1
-    while True:
-        candidate = folder / f"{task}_{kind}_v{version}{MODEL_SUFFIX}"
-        if not candidate.exists():
-            return candidate
-        version += 1
+def next_model_path(folder, task: str) -> Path:
+    """The model file the next local distillation of ``task`` writes in ``folder`` (``liver_student_local_v3.kdseg.pt``):
+    the engine's one versioned-name rule, so the panel and ``kdseg distill`` never disagree; never an existing file."""
+    from KDSegmentationLib.models.naming import next_versioned_output
+
+    return next_versioned_output(Path(folder), task)
 
 
 def parse_models_output(output: Union[str, Iterable[str]]) -> List[Dict[str, Any]]:

@@ -41,7 +41,7 @@ from KDSegmentationLib.training.cache import task_preprocessing
 from KDSegmentationLib.training.config import TrainConfig
 from KDSegmentationLib.training.data import TrainData, load_training_data
 from KDSegmentationLib.training.distiller import build_distiller, default_losses
-from KDSegmentationLib.training.naming import local_version, resolve_output
+from KDSegmentationLib.models.naming import local_version, resolve_output
 from KDSegmentationLib.training.plan import lr_factor, make_plan
 from KDSegmentationLib.training.report import model_card, write_report
 from KDSegmentationLib.training.sampling import MixedBatchSampler, PatchDataset, make_loader

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.training.naming import (local_version, next_versioned_output, resolve_output,
+from KDSegmentationLib.models.naming import (local_version, next_versioned_output, resolve_output,
                                                versioned_model_name)
 
 
