@@ -331,7 +331,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         fromScene = parameterNode is None or parameterNode.distillSource == DistillSource.SCENE
         for widget in (self.ui.distillVolumesComboBox, self.ui.distillReferencesComboBox):
             widget.enabled = fromScene and not distilling
-        for widget in (self.ui.distillDataPathLineEdit, self.ui.distillUnlabeledPathLineEdit):
+        for widget in (self.ui.distillDataPathLineEdit, self.ui.distillUnlabelledPathLineEdit):
             widget.enabled = not fromScene and not distilling
         if not distilling:
             if fromScene:
@@ -415,7 +415,7 @@ class KDSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 volumeNodes=list(self.ui.distillVolumesComboBox.checkedNodes()) if fromScene else None,
                 referenceSegmentations=list(self.ui.distillReferencesComboBox.checkedNodes()) if fromScene else None,
                 dataFolder=None if fromScene else self.ui.distillDataPathLineEdit.currentPath,
-                unlabeledFolder=None if fromScene else (self.ui.distillUnlabeledPathLineEdit.currentPath or None),
+                unlabelledFolder=None if fromScene else (self.ui.distillUnlabelledPathLineEdit.currentPath or None),
                 alpha=parameterNode.alpha, temperature=parameterNode.temperature,
                 epochs=parameterNode.epochs, maxMinutes=parameterNode.maxMinutes,
                 progressCallback=self.onDistillProgress, logCallback=self.appendLog,
@@ -726,7 +726,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         return format_volumes(run.result)
 
     # -- local distillation -------------------------------------------------------------------------------
-    def distill(self, task, teacherPath=None, dataFolder=None, unlabeledFolder=None, volumeNodes=None,
+    def distill(self, task, teacherPath=None, dataFolder=None, unlabelledFolder=None, volumeNodes=None,
                 referenceSegmentations=None, alpha=0.5, temperature=2.0, epochs=0, maxMinutes=10.0,
                 outputPath=None, progressCallback=None, logCallback=None, finishedCallback=None, wait=False):
         """Distil a new student from ``teacherPath`` (default: the shipped teacher) on scene volumes or a folder.
@@ -750,7 +750,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         run.temp_dir = self._makeTempDir()
         try:
             if volumeNodes:
-                dataFolder, unlabeledFolder = self.exportDistillationData(
+                dataFolder, unlabelledFolder = self.exportDistillationData(
                     volumeNodes, referenceSegmentations or [], spec, run.temp_dir)
             elif not dataFolder:
                 raise ValueError("Choose volumes from the scene or a dataset folder.")
@@ -758,7 +758,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 raise ValueError(f"Folder {dataFolder} does not exist.")
             outputPath.parent.mkdir(parents=True, exist_ok=True)
             command = distill_command(
-                self.pythonExecutable(), task, teacher, dataFolder, outputPath, unlabeled=unlabeledFolder,
+                self.pythonExecutable(), task, teacher, dataFolder, outputPath, unlabelled=unlabelledFolder,
                 alpha=alpha, temperature=temperature, max_minutes=maxMinutes or None, epochs=epochs or None)
             self.runs.start_command(run, command)
         except Exception:
@@ -768,10 +768,10 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         return self._start(run, wait)
 
     def exportDistillationData(self, volumeNodes, referenceSegmentations, spec, folder):
-        """Write scene volumes for the engine; returns ``(dataFolder, unlabeledFolder or None)``.
+        """Write scene volumes for the engine; returns ``(dataFolder, unlabelledFolder or None)``.
 
         A volume with a reference segmentation (one whose reference geometry is that volume) goes to
-        ``data/images`` + ``data/labels`` (labelmap with the task's label values); the others to ``unlabeled``.
+        ``data/images`` + ``data/labels`` (labelmap with the task's label values); the others to ``unlabelled``.
         """
         references = {}
         for segmentationNode in referenceSegmentations:
@@ -779,7 +779,7 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             if referenced is not None:
                 references[referenced.GetID()] = segmentationNode
         dataDir = Path(folder) / "data"
-        unlabeledDir = Path(folder) / "unlabeled"
+        unlabelledDir = Path(folder) / "unlabelled"
         labelled = unlabelled = 0
         for index, volumeNode in enumerate(volumeNodes):
             self.checkInputVolume(volumeNode, spec)
@@ -790,11 +790,11 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
                 self.exportReferenceLabelmap(segmentationNode, volumeNode, spec, dataDir / "labels", name + ".nrrd")
                 labelled += 1
             else:
-                self.exportVolume(volumeNode, unlabeledDir, name + ".nrrd")
+                self.exportVolume(volumeNode, unlabelledDir, name + ".nrrd")
                 unlabelled += 1
         if not labelled:
-            return str(unlabeledDir), None
-        return str(dataDir), (str(unlabeledDir) if unlabelled else None)
+            return str(unlabelledDir), None
+        return str(dataDir), (str(unlabelledDir) if unlabelled else None)
 
     def exportReferenceLabelmap(self, segmentationNode, volumeNode, spec, folder, fileName):
         """A labelmap on the volume's grid whose values are the task's label values, matched by segment name."""

@@ -267,7 +267,7 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None):
     if local:
         lines += ["## Local distillation (retina, CHASE_DB1 without its labels)", "",
                   "The shipped retina student was distilled further on the 20 CHASE_DB1 training photographs with "
-                  "their labels hidden (`kdseg distill --unlabeled ... --init retina_student`), then evaluated on "
+                  "their labels hidden (`kdseg distill --unlabelled ... --init retina_student`), then evaluated on "
                   "the 8 CHASE_DB1 test photographs.", "",
                   "| model | CHASE_DB1 test Dice | AUC |", "|---|---|---|"]
         for name, res in local.items():

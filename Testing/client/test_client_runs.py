@@ -210,9 +210,9 @@ def test_command_lines():
     assert "--seed-ras=-56.37,-86.32,-115.99" in cmd
     assert cmd[cmd.index("--progress") + 1] == "json"
     assert cmd[cmd.index("--threads") + 1] == "2"
-    d = commands.distill_command("py", "retina", "/m/t.kdseg.pt", "/d", "/o/s.kdseg.pt", unlabeled="/u",
+    d = commands.distill_command("py", "retina", "/m/t.kdseg.pt", "/d", "/o/s.kdseg.pt", unlabelled="/u",
                                alpha=0.5, temperature=2, max_minutes=10, epochs=0)
-    assert d[3] == "distill" and "--unlabeled=/u" in d and "--epochs" not in d
+    assert d[3] == "distill" and "--unlabelled=/u" in d and "--epochs" not in d
     assert d[d.index("--alpha") + 1] == "0.5" and d[d.index("--temperature") + 1] == "2.0"
     assert d[d.index("--max-minutes") + 1] == "10.0"
     assert commands.models_list_command("py")[3:] == ["models", "list", "--json"]

@@ -33,14 +33,14 @@ def segment_command(python_executable, task: str, input_path, output_path, model
     return cmd
 
 
-def distill_command(python_executable, task: str, teacher, data, output, unlabeled=None,
+def distill_command(python_executable, task: str, teacher, data, output, unlabelled=None,
                     alpha: Optional[float] = None, temperature: Optional[float] = None,
                     max_minutes: Optional[float] = None, epochs: Optional[int] = None) -> List[str]:
     """``kdseg distill`` with JSON progress; unset options are left to the engine's defaults."""
     cmd = _base(python_executable) + ["distill", "--task", task, f"--teacher={teacher}", f"--data={data}",
                                       f"--output={output}"]
-    if unlabeled:
-        cmd.append(f"--unlabeled={unlabeled}")
+    if unlabelled:
+        cmd.append(f"--unlabelled={unlabelled}")
     if alpha is not None:
         cmd += ["--alpha", repr(float(alpha))]
     if temperature is not None:

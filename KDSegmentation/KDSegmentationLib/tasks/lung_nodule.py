@@ -1,4 +1,4 @@
-"""Lung nodule task: the LIDC-IDRI slice-crop dataset, HU -> crop intensity, and the seed-point region of a real CT.
+"""Lung nodule task: HU -> the crops' intensity, the seed-point region of a real CT, the pipeline, RECIST diameters.
 
 Training data are the LIDC-IDRI nodule crops (``LIDC-IDRI-XXXX/nodule-Y/{images,mask-0..3}/slice-Z.png``): stacks of
 consecutive native axial slices, 128 x 128 pixels at the scan's native pixel spacing, centred on the nodule, 8-bit.
