@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -75,14 +76,35 @@ def model_card(cfg: TrainConfig, task: TaskSpec, description: Dict[str, Any], pl
                     ("train-teacher" if cfg.role == "teacher" else "distill")},
     }
     card.update(cfg.extra_card or {})
-    return json.loads(json.dumps(card, default=str))
+    return portable(json.loads(json.dumps(card, default=str)))
+
+
+# An absolute path of the machine that trained: POSIX (/a/b), home (~/a) or Windows (C:\a, \\server\share).
+_ABSOLUTE_PATH = re.compile(r"""(?<![\w.:/\\])(?:~?/|[A-Za-z]:[\\/]|\\\\)[^\s"',;=]+""")
+
+
+def _last_part(match: "re.Match") -> str:
+    parts = [p for p in re.split(r"[\\/]", match.group(0)) if p and p != "~"]
+    return parts[-1] if parts else match.group(0)
+
+
+def portable(value: Any) -> Any:
+    """A card with every absolute path of the training machine cut to its last part (``/home/ann/data/DRIVE`` ->
+    ``DRIVE``): a model file is shared, the folder layout of the machine that made it is not."""
+    if isinstance(value, str):
+        return _ABSOLUTE_PATH.sub(_last_part, value)
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    return value
 
 
 def write_report(output: Path, state: Dict[str, Any], card: Dict[str, Any]) -> Path:
     """``<output>.report.json`` (history, validation, card) and ``<output>.report.png`` (loss and Dice curves),
     each written atomically; the PNG only where matplotlib is installed (the 'train' extra)."""
     report = Path(str(output) + ".report.json")
-    payload = {"model": str(output), "history": state["history"], "validation": state["val_history"],
+    payload = {"model": Path(output).name, "history": state["history"], "validation": state["val_history"],
                "best": state["best"], "training_time_s": round(state["elapsed"], 1), "card": card}
     write_bytes(report, json.dumps(payload, indent=1, default=str).encode())
     try:
