@@ -20,7 +20,7 @@ from KDSegmentationLib.errors import CancelledError, InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from KDSegmentationLib.cli import evaluate, models, segment, serve, train
+    from KDSegmentationLib.cli import cache, evaluate, models, segment, serve, train
     from KDSegmentationLib.tasks import TASKS
 
     p = argparse.ArgumentParser(prog="kdseg", description="Fast distilled segmentation of liver, lung nodule and "
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parsers(sub)
     serve.add_parsers(sub)
     train.add_subcommands(sub)
+    cache.add_parsers(sub)
     return p
 
 

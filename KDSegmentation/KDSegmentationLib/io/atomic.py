@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.paths import MODEL_SUFFIX
 
 
@@ -32,7 +33,8 @@ def temporary_name(path: Path) -> Path:
 def atomic_path(path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it replaces ``path`` (mode 0666 & ~umask), on error it is removed.
 
-    The parent folder must exist (creating it is the caller's decision: an output folder, a model folder).
+    The parent folder must exist (creating it is the caller's decision: an output folder, a model folder). An
+    ``OSError`` while writing (no space, read-only folder) becomes an :class:`InputError` naming the file.
     """
     path = Path(path)
     tmp = temporary_name(path)
@@ -41,6 +43,9 @@ def atomic_path(path) -> Iterator[Path]:
         if tmp.exists():
             os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk, a read-only or vanished folder: the user's to fix, in one line
+        raise InputError(f"cannot write {path} ({exc.strerror or exc}); free some space or choose a writable "
+                         f"location") from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -24,6 +24,8 @@ def versioned_model_name(task: str, n: int) -> str:
 def version_number(name: str, task: str) -> Optional[int]:
     """N of a file named ``<task>_student_local_vN...`` (any suffix after N), else None."""
     prefix = _prefix(task)
+    if name.endswith(".lock"):  # a run's lock file: the run's version is decided by its lock, not by the file
+        return None
     if name.startswith(prefix):
         num = name[len(prefix):].split(".")[0]
         if num.isdigit():

@@ -231,7 +231,8 @@ def ensure_cache(data_dir, task: TaskSpec, cache_dir=None, progress=None, should
             if (cache.task == task.name and cache.manifest.get("fingerprint") == fp
                     and cache.manifest.get("preprocessing") == task_preprocessing(task)):
                 if progress is not None:
-                    progress.log(f"reusing prepared cache {cache_dir}")
+                    progress.log(f"reusing prepared cache {cache_dir} ({_megabytes(cache_dir)}; "
+                                 f"'kdseg cache clear' frees it)")
                 return cache
         except InputError:
             pass
@@ -239,6 +240,13 @@ def ensure_cache(data_dir, task: TaskSpec, cache_dir=None, progress=None, should
         progress.log(f"preparing {len(cases)} cases of {data_dir} into {cache_dir}")
     prepare_cache(cases, task, cache_dir, progress=progress, should_stop=should_stop, workers=workers,
                   source=str(data_dir.resolve()), fingerprint=fp)
+    if progress is not None:
+        progress.log(f"prepared cache {cache_dir}: {_megabytes(cache_dir)} ('kdseg cache clear' frees it)")
     return load_cache(cache_dir)
+
+
+def _megabytes(folder: Path) -> str:
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return f"{size / 2 ** 20:.1f} MB"
 
 

@@ -41,7 +41,8 @@ from KDSegmentationLib.training.cache import task_preprocessing
 from KDSegmentationLib.training.config import TrainConfig
 from KDSegmentationLib.training.data import TrainData, load_training_data
 from KDSegmentationLib.training.distiller import build_distiller, default_losses
-from KDSegmentationLib.models.naming import local_version, resolve_output
+from KDSegmentationLib.training.output import check_output, locked_output
+from KDSegmentationLib.models.naming import local_version
 from KDSegmentationLib.training.plan import lr_factor, make_plan
 from KDSegmentationLib.training.report import model_card, write_report
 from KDSegmentationLib.training.sampling import MixedBatchSampler, PatchDataset, make_loader
@@ -349,13 +350,6 @@ def _configure_cuda(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _check(cfg: TrainConfig, output: Path) -> None:
-    if output.exists() and not cfg.overwrite:
-        raise InputError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    if cfg.teacher and not Path(cfg.teacher).is_file():
-        raise InputError(f"teacher model {cfg.teacher} not found")
-
-
 def train(config: TrainConfig, progress: Optional[Progress] = None,
           should_stop: Optional[Callable[[], bool]] = None) -> Path:
     """Train a teacher or distil a student (see the module docstring); returns the written model file.
@@ -371,19 +365,19 @@ def train(config: TrainConfig, progress: Optional[Progress] = None,
         progress = Progress("none")
     if cfg.role not in ("teacher", "student"):
         raise InputError(f"role must be teacher or student (got {cfg.role!r})")
-    output = resolve_output(cfg.output, cfg.task, cfg.role, cfg.resume)
-    _check(cfg, output)
-    stopper = Stopper(cfg.cancel_file, should_stop)
-    try:
-        device = pick_device(cfg.device, dist.local_rank)
-        dist.init(device)
-        _configure_cuda(device, cfg.deterministic)
-        ckpt.seed_everything(cfg.seed)
-        return Trainer(cfg, task, output, device, dist, progress, stopper).setup().run()
-    except CancelledError as exc:
-        if getattr(exc, "signal", None) is None:  # stopped before the loop (data preparation, loading)
-            exc.signal = stopper.signal
-        raise
-    finally:
-        stopper.close()
-        dist.close()
+    with locked_output(cfg, dist.main) as output:
+        check_output(cfg, output)
+        stopper = Stopper(cfg.cancel_file, should_stop)
+        try:
+            device = pick_device(cfg.device, dist.local_rank)
+            dist.init(device)
+            _configure_cuda(device, cfg.deterministic)
+            ckpt.seed_everything(cfg.seed)
+            return Trainer(cfg, task, output, device, dist, progress, stopper).setup().run()
+        except CancelledError as exc:
+            if getattr(exc, "signal", None) is None:  # stopped before the loop (data preparation, loading)
+                exc.signal = stopper.signal
+            raise
+        finally:
+            stopper.close()
+            dist.close()
