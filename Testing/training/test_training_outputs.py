@@ -119,3 +119,21 @@ def test_a_training_run_that_cannot_write_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "No space left" in lines[0] and "t.kdseg.pt" in lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("arch_args, problem", [
+    ({"width": 100000}, "width must be an integer"),   # would allocate tens of GB before failing
+    ({"expansion": 1e9}, "expansion"),
+    ({"no_such_option": 1}, "unknown"),
+])
+def test_training_refuses_an_architecture_no_model_file_may_hold(arch_args, problem):
+    import torch
+
+    from KDSegmentationLib.errors import InputError
+    from KDSegmentationLib.tasks import RETINA
+    from KDSegmentationLib.training.distiller import build_student
+
+    cfg = TrainConfig(task="retina", data="d", output="o.kdseg.pt", role="student", arch_args=arch_args)
+    with pytest.raises(InputError) as info:
+        build_student(cfg, RETINA, torch.device("cpu"))
+    assert problem in str(info.value) and "--arch-args" in str(info.value) and "\n" not in str(info.value)

@@ -88,14 +88,17 @@ def _close(a: Any, b: Any) -> bool:
     return _is_number(a) and abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
 
 
-def validate_header(header: Any, path) -> Dict[str, Any]:
+def validate_header(header: Any, path, what: str = "", remedy: str = "reinstall or retrain it") -> Dict[str, Any]:
     """Check every header field's type and range, and its agreement with the task registry; returns the header.
 
     Raises :class:`InputError` naming the first problem. Runs before any network is built, so a crafted header
-    cannot make the loader allocate more than ``MAX_PARAMETERS`` weights.
+    cannot make the loader allocate more than ``MAX_PARAMETERS`` weights. ``what`` and ``remedy`` word the message
+    for other callers (a training run's own architecture options).
     """
+    what = what or f"model file {path} has an invalid header"
+
     def bad(problem: str) -> InputError:
-        return InputError(f"model file {path} has an invalid header: {problem}; reinstall or retrain it")
+        return InputError(f"{what}: {problem}; {remedy}")
 
     task = _checked_task(header, bad)
     arch, args = _checked_architecture(header, task, bad)

@@ -16,6 +16,7 @@ from torch import nn
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import TaskSpec
 from KDSegmentationLib.training.config import TrainConfig
+from KDSegmentationLib.models.header_checks import validate_header
 from KDSegmentationLib.training.losses import CompositeLoss, Features, build_losses
 
 Labelled = Union[Sequence[bool], torch.Tensor, None]
@@ -144,6 +145,10 @@ def build_student(cfg: TrainConfig, task: TaskSpec, device: torch.device):
         base = {k: arch_args[k] for k in ("spatial_dims", "in_channels", "out_channels")}
         arch, arch_args = cfg.arch, base
     arch_args.update(cfg.arch_args or {})
+    # the same bounds a model file's header must meet: an architecture that could not be loaded again, or that
+    # would exhaust memory, is refused before anything is built (one line, exit code 2)
+    validate_header({"task": task.name, "arch": arch, "arch_args": arch_args}, None,
+                    what="the network asked for by --arch/--arch-args is refused", remedy="change --arch-args")
     return networks.build_network(arch, **arch_args).to(device), arch, arch_args, None
 
 
