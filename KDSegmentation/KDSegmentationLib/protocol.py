@@ -66,6 +66,8 @@ METRIC_VAL_DICE = "val_dice"
 RESULT_SEGMENTS = "segments"
 RESULT_WARNINGS = "warnings"
 RESULT_DEVICE = "device"
+# segment name -> why the model does not offer it (no such segment is written: never an empty one shown as a result)
+RESULT_WITHHELD = "withheld"
 
 # -- requests (client -> ``kdseg serve``) ----------------------------------------------------------------------
 COMMAND = "command"

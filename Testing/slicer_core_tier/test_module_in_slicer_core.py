@@ -4,6 +4,8 @@ Every MRML call reaches the real library; see Testing/SLICER.md for what is a st
 """
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import time
 from pathlib import Path
@@ -178,6 +180,13 @@ def test_segment_bundled_sample(kdseg_module, slicer_core, scene, vtk_messages, 
         logic.shutdown()
     assert run.status == "succeeded", run.message
     segmentation_node = run.output
+
+    # a label the model withholds is no segment at all, and the panel says why
+    withheld = run.result.get("withheld") or {}
+    for name in withheld:
+        assert not segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name)
+        assert f"{name}: not available with this model" in run.message
+    spec = dataclasses.replace(spec, labels=tuple(lab for lab in spec.labels if lab.name not in withheld))
 
     # voxel for voxel what the command line writes for the same input
     labels = exported_labelmap(slicer_core, segmentation_node, volume, spec)

@@ -39,13 +39,14 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
         progress.log(w, "warning")
     t0 = time.perf_counter()
     progress.progress("writing", 0.0)
-    write_segmentation(result.labelmap, task, out)
+    write_segmentation(result.labelmap, result.task or task, out)
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     progress.progress("done", 1.0)
     return {"task": task.name, "input": str(input_path), "path": str(out),
             "model": loaded.header.get("card", {}).get("name", Path(loaded.path).name),
-            "device": str(dev), "segments": result.stats, "warnings": warnings + result.warnings,
+            "device": str(dev), "segments": result.stats, "withheld": result.withheld,
+            "warnings": warnings + result.warnings,
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
 
@@ -94,6 +95,8 @@ def format_summary(summary: dict) -> str:
             lines.append(f"    {name}: {st['volume_ml']:.1f} mL{extra}")
         else:
             lines.append(f"    {name}: {st['area_px']} px ({100 * st['fraction_of_fov']:.1f}% of the field of view)")
+    for name, reason in (summary.get("withheld") or {}).items():
+        lines.append(f"    {name}: not available with this model ({reason})")
     return "\n".join(lines)  # warnings already went to stderr as they happened
 
 

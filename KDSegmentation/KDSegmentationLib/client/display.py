@@ -55,6 +55,8 @@ def format_volumes(result_event: Optional[Dict[str, Any]]) -> str:
     lines = [_segment_line(name, stats or {}) for name, stats in segments.items()]
     if not lines:
         lines.append("No segment found.")
+    for name, reason in (result_event.get(P.RESULT_WITHHELD) or {}).items():
+        lines.append(f"{name}: not available with this model ({reason})")
     for warning in result_event.get(P.RESULT_WARNINGS) or []:
         lines.append(f"Warning: {warning}")
     return "\n".join(lines)

@@ -53,13 +53,15 @@ class SegmentationResult:
     stats: Dict[str, dict] = field(default_factory=dict)  # segment name -> {"volume_ml" | "area_px", ...}
     warnings: List[str] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
+    task: Optional[TaskSpec] = None           # the task as offered by the model: the segments written and measured
+    withheld: Dict[str, str] = field(default_factory=dict)  # segment name -> why the model does not offer it
 
 
 def segment_image(image, task: TaskSpec, loaded, device, seed_ras=None,
                   progress: ProgressFn = _noop) -> SegmentationResult:
     """Run one task's pipeline on a SimpleITK image (already validated for the task); labels on the input grid."""
     from KDSegmentationLib.inference.inferer import Inferer
-    from KDSegmentationLib.tasks.base import pipeline_for
+    from KDSegmentationLib.tasks.base import pipeline_for, withhold
 
     pipeline = pipeline_for(task)
     timings = {}
@@ -74,7 +76,10 @@ def segment_image(image, task: TaskSpec, loaded, device, seed_ras=None,
     progress("postprocessing", 0.0)
     t0 = time.perf_counter()
     output = pipeline.to_input_grid(prob, prepared, image, threshold=loaded.decision_threshold)
-    stats = pipeline.measure(output, prepared, image)
+    output, offered = withhold(output, task, loaded.withheld_labels)
+    stats = pipeline_for(offered).measure(output, prepared, image)
     timings["postprocess"] = time.perf_counter() - t0
+    withheld = {lab.name: loaded.withheld_labels[lab.value] for lab in task.labels
+                if lab.value in loaded.withheld_labels}
     return SegmentationResult(labelmap=output.labelmap, probability=output.probability, stats=stats,
-                              warnings=output.warnings, timings=timings)
+                              warnings=output.warnings, timings=timings, task=offered, withheld=withheld)

@@ -92,6 +92,12 @@ class LoadedModel:
         """Foreground probability at or above which a binary model's voxel is labelled (``kdseg calibrate``)."""
         return float((self.header.get("preprocessing") or {}).get("decision_threshold", 0.5))
 
+    @property
+    def withheld_labels(self) -> Dict[int, str]:
+        """Label value -> why the model does not offer it (its measured accuracy is below the product's bar)."""
+        withheld = (self.header.get("preprocessing") or {}).get("withheld_labels") or {}
+        return {int(k): str(v) for k, v in withheld.items()}
+
 
 def read_header(path) -> Dict[str, Any]:
     """Header only (still checksum-verified and validated): used by ``kdseg models`` and the Slicer model list."""

@@ -164,10 +164,23 @@ def _check_preprocessing(pre: Any, task, bad: Bad) -> None:
             want = "none" if expected is None else clip_text(list(expected) if isinstance(expected, tuple) else expected)
             raise bad(f"preprocessing {key} {clip_text(pre[key])} differs from task {task.name}'s ({want}): inference "
                       "would not prepare images as the model was trained")
+    if "withheld_labels" in pre:
+        _check_withheld(pre["withheld_labels"], task, bad)
     if "decision_threshold" in pre:
         t = pre["decision_threshold"]
         if not _is_number(t) or not 0.0 < t < 1.0:
             raise bad(f"decision_threshold must be a number strictly between 0 and 1 (got {clip_text(t)})")
+
+
+def _check_withheld(withheld: Any, task, bad: Bad) -> None:
+    """{label value: reason}: labels of the task the model does not offer, never all of them, each with a reason."""
+    values = {str(lab.value) for lab in task.labels}
+    if not isinstance(withheld, dict) or not all(isinstance(k, str) and isinstance(v, str) and 0 < len(v) <= 300
+                                                 for k, v in withheld.items()):
+        raise bad("withheld_labels must map label values to short reasons")
+    if not set(withheld) <= values or set(withheld) == values:
+        raise bad(f"withheld_labels {clip_text(sorted(withheld))} must be some, not all, of task {task.name}'s "
+                  f"labels {sorted(values)}")
 
 
 def _check_labels(labels: Any, task, bad: Bad) -> None:

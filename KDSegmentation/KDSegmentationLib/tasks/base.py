@@ -62,6 +62,27 @@ class TaskPipeline:
         raise NotImplementedError
 
 
+def withhold(output: InputGridOutput, task: TaskSpec, withheld) -> Tuple[InputGridOutput, TaskSpec]:
+    """The result without the labels a model does not offer (``withheld``: label values): their voxels go to the
+    structure that contains them (a tumour to its organ, so the organ stays whole) or to the background. Returns the
+    output and the task as offered (only the remaining labels: the segments written and measured)."""
+    import dataclasses
+
+    import SimpleITK as sitk
+
+    withheld = set(withheld)
+    if not withheld:
+        return output, task
+    labels = output.labels.copy()
+    for lab in task.labels:
+        if lab.value in withheld:
+            labels[labels == lab.value] = lab.within if lab.within not in (None, *withheld) else 0
+    labelmap = sitk.GetImageFromArray(labels.reshape(sitk.GetArrayViewFromImage(output.labelmap).shape))
+    labelmap.CopyInformation(output.labelmap)
+    offered = dataclasses.replace(task, labels=tuple(lab for lab in task.labels if lab.value not in withheld))
+    return dataclasses.replace(output, labels=labels, labelmap=labelmap), offered
+
+
 def pipeline_for(task: TaskSpec) -> TaskPipeline:
     """The pipeline of ``task`` (imported here, so that a task module is loaded only when it runs)."""
     if task.name == "liver":

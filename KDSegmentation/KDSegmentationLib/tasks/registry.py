@@ -32,6 +32,7 @@ class Label:
     name: str                        # segment name shown in Slicer
     color: Tuple[int, int, int]      # RGB 0..255
     terminology: Terminology
+    within: Optional[int] = None     # value of the label whose structure contains this one (a tumour: its organ)
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,8 @@ LIVER = _register(TaskSpec(
         Label(1, "Liver", (221, 130, 101),
               Terminology(_ANATOMY, ("SCT", "10200004", "Liver"))),
         Label(2, "Liver tumor", (144, 238, 144),
-              Terminology(_ALTERED, ("SCT", "108369006", "Neoplasm"), region=("SCT", "10200004", "Liver"))),
+              Terminology(_ALTERED, ("SCT", "108369006", "Neoplasm"), region=("SCT", "10200004", "Liver")),
+              within=1),
     ),
     spacing_mm=(3.0, 3.0, 3.0),
     hu_window=(-200.0, 300.0),
