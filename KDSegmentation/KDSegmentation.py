@@ -736,9 +736,13 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
         if self.isDistilling():
             raise RuntimeError("A distillation is already running; cancel it first.")
         spec = self._taskSpec(task)
-        teacher = Path(teacherPath) if teacherPath else self.shippedModelPath(task, "teacher")
-        if not teacher.is_file():
-            raise ValueError(f"Teacher model {teacher} not found; choose a teacher model file (*.kdseg.pt).")
+        # one teacher file, or an ensemble of them joined by commas (the engine averages their probabilities)
+        teachers = [Path(p.strip()) for p in str(teacherPath).split(",")] if teacherPath else \
+            [self.shippedModelPath(task, "teacher")]
+        for teacher in teachers:
+            if not teacher.is_file():
+                raise ValueError(f"Teacher model {teacher} not found; choose a teacher model file (*.kdseg.pt).")
+        teacher = ",".join(str(t) for t in teachers)
         if not epochs and not maxMinutes:
             raise ValueError("Set a number of epochs or a time budget.")
         outputPath = Path(outputPath) if outputPath else next_model_path(self.userModelsDir(), task)

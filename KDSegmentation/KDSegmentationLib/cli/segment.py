@@ -52,7 +52,7 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
 
 def _checked_request(task_name: str, input_path: str, output_path: str, model: str, seed_ras):
     """(task, output path) once every value of the request is valid; a missing model is said before slow work."""
-    from KDSegmentationLib.models.catalog import resolve_model
+    from KDSegmentationLib.models.catalog import resolve_models
     from KDSegmentationLib.tasks import get_task
 
     task = get_task(task_name)
@@ -66,7 +66,7 @@ def _checked_request(task_name: str, input_path: str, output_path: str, model: s
     if not Path(input_path).exists():
         raise InputError(f"input {input_path} does not exist; give an image file or a DICOM folder")
     check_not_input(input_path, out)
-    resolve_model(task, model)
+    resolve_models(task, model)
     return task, out
 
 
@@ -144,7 +144,7 @@ def add_parsers(sub, task_names) -> None:
     s.add_argument("--task", required=True, choices=task_names)
     s.add_argument("--input", required=True, help="image file (NRRD, NIfTI, MHA, PNG, JPG, TIFF...) or DICOM folder")
     s.add_argument("--output", required=True, help="OUT.seg.nrrd (Slicer segmentation) or OUT.nii.gz (labelmap)")
-    s.add_argument("--model", default="student", help="student (default), teacher, a model file or a local name")
+    s.add_argument("--model", default="student", help="student (default), teacher, a model file or a local name, or an ensemble of them joined by commas")
     s.add_argument("--device", default="auto", choices=DEVICE_CHOICES)
     s.add_argument("--seed-ras", help="X,Y,Z point in RAS mm (lung_nodule)")
     s.add_argument("--threads", type=str, help="CPU threads for torch")

@@ -27,16 +27,19 @@ _MODEL_CACHE: Dict[tuple, object] = {}
 
 
 def load_task_model(task: TaskSpec, model: str, device) -> "object":
-    """Load (and cache, for the persistent worker) a model, checking that it was trained for ``task``."""
-    from KDSegmentationLib.models.catalog import resolve_model
+    """Load (and cache, for the persistent worker) a model or an ensemble (``a,b``), checking that it was trained
+    for ``task``."""
+    from KDSegmentationLib.models.catalog import resolve_models
+    from KDSegmentationLib.models.ensemble import load_ensemble
     from KDSegmentationLib.models.files import load_model
 
-    path = resolve_model(task, model)
-    key = (str(path.resolve()), os.path.getmtime(path), str(device))
+    paths = resolve_models(task, model)
+    key = (tuple((str(p.resolve()), os.path.getmtime(p)) for p in paths), str(device))
     if key not in _MODEL_CACHE:
-        loaded = load_model(path, device=str(device))
+        loaded = load_model(paths[0], device=str(device)) if len(paths) == 1 else \
+            load_ensemble(paths, device=str(device))
         if loaded.task != task.name:
-            raise InputError(f"model {path.name} was trained for task '{loaded.task}', not '{task.name}'")
+            raise InputError(f"model {paths[0].name} was trained for task '{loaded.task}', not '{task.name}'")
         _MODEL_CACHE.clear()  # one model at a time keeps the worker's memory flat
         _MODEL_CACHE[key] = loaded
     return _MODEL_CACHE[key]

@@ -88,3 +88,10 @@ def _named_model_candidates(model: str) -> List[Path]:
     except FileNotFoundError:
         pass
     return [folder / name for folder in folders for name in (model, f"{model}{MODEL_SUFFIX}")]
+
+
+def resolve_models(task: "TaskSpec", spec: str) -> List[Path]:
+    """The model file(s) of ``spec``: one model (see :func:`resolve_model`) or an ensemble ``a,b,...`` of them."""
+    from KDSegmentationLib.models.ensemble import is_ensemble, members
+
+    return [resolve_model(task, m) for m in members(spec)] if is_ensemble(spec) else [resolve_model(task, spec)]

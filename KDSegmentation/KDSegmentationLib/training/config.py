@@ -99,7 +99,9 @@ class TrainConfig:
         "dataset folder (any supported layout) or a prepared cache (kdseg prepare)"))
     output: Optional[str] = field(default=None, metadata=option("model file to write (*.kdseg.pt)"))
     role: str = "student"
-    teacher: Optional[str] = field(default=None, metadata=option("teacher model file (*.kdseg.pt)", roles=STUDENT))
+    teacher: Optional[str] = field(default=None, metadata=option(
+        "teacher model file (*.kdseg.pt), or an ensemble of them joined by commas (probabilities averaged, with "
+        "flips)", roles=STUDENT))
     losses: Optional[str] = field(default=None, metadata=option({
         "teacher": "loss spec (default seg=1: Dice + cross-entropy)",
         "student": "loss spec, e.g. kd=1 or seg=1,hint=0.5 (default kd=1 with a teacher, else seg=1)"}))

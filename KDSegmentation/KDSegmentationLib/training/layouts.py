@@ -270,11 +270,11 @@ def detect_msd(root: Path, task: TaskSpec) -> Optional[List[Case]]:
     return None
 
 
-@register_layout("generic", "images/ + labels/ (or masks/) with the same base names, optional fov/ for fundus "
+@register_layout("generic", "images/ + labels/ (or masks/, vessel/) with the same base names, optional fov/ for fundus "
                             "masks")
 def detect_generic(root: Path, task: TaskSpec) -> Optional[List[Case]]:
     images = _subdir(root, "images", "Images")
-    labels = _subdir(root, "labels", "Labels", "masks", "Masks")
+    labels = _subdir(root, "labels", "Labels", "masks", "Masks", "vessel", "vessels", "manual")
     if images and labels:
         return _paired(images, labels, _subdir(root, "fov", "FOV"), "generic") or None
     return None

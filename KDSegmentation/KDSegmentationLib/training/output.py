@@ -15,8 +15,9 @@ from KDSegmentationLib.training.config import TrainConfig
 def check_output(cfg: TrainConfig, output: Path) -> None:
     if output.exists() and not cfg.overwrite:
         raise InputError(f"{output} already exists; pass --overwrite to replace it or choose another --output")
-    if cfg.teacher and not Path(cfg.teacher).is_file():
-        raise InputError(f"teacher model {cfg.teacher} not found")
+    for teacher in (cfg.teacher.split(",") if cfg.teacher else []):
+        if not Path(teacher.strip()).is_file():
+            raise InputError(f"teacher model {teacher.strip()} not found")
 
 
 def _acquire(cfg: TrainConfig) -> OutputLock:

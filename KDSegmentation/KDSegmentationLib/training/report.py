@@ -56,8 +56,10 @@ def model_card(cfg: TrainConfig, task: TaskSpec, description: Dict[str, Any], pl
 
     teacher = None
     if cfg.teacher and teacher_header is not None:
-        teacher = {"file": Path(cfg.teacher).name, "version": teacher_header.get("version"),
-                   "arch": teacher_header.get("arch")}
+        teacher = {"file": ",".join(Path(t.strip()).name for t in cfg.teacher.split(",")),
+                   "version": teacher_header.get("version"), "arch": teacher_header.get("arch")}
+        if teacher_header.get("role") == "ensemble":
+            teacher["members"] = teacher_header["card"]["members"]
     card = {
         "description": f"{cfg.role} for {task.title}",
         "data": description["data"],
