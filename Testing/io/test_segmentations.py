@@ -53,13 +53,20 @@ def test_seg_nrrd_round_trip(tmp_path, task_name):
     if lab.GetDimension() == 2:
         direction = np.eye(3)
 
-    # pynrrd: the raw header Slicer reads
+    # pynrrd: the raw header Slicer reads: the labels' box, placed by its origin and by the offset in the reference
     voxels, header = nrrd.read(str(path))
+    nz = np.argwhere(arr3 != 0)
+    lo, hi = nz.min(0), nz.max(0)  # (z, y, x)
+    offset = lo[::-1]
+    assert header["Segmentation_ReferenceImageExtentOffset"] == " ".join(str(v) for v in offset)
     assert header["space"] == "left-posterior-superior"
-    np.testing.assert_allclose(header["space origin"], lab3.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(header["space origin"], lab3.TransformIndexToPhysicalPoint([int(v) for v in offset]),
+                               atol=1e-6)
     np.testing.assert_allclose(header["space directions"],
                                (direction * np.array(lab3.GetSpacing())[None, :]).T, atol=1e-6)
-    np.testing.assert_array_equal(voxels, arr3.transpose(2, 1, 0))
+    np.testing.assert_array_equal(voxels, arr3[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1].transpose(2, 1, 0))
+    for i in range(len(task.labels)):
+        assert header[f"Segment{i}_Extent"] == " ".join(f"0 {n - 1}" for n in voxels.shape)
     assert header["KDSegmentation_Model"] == "student v1" and header["KDSegmentation_Version"] == "3"
 
     # slicerio: segments with names, colours, terminology, label values, layer 0
@@ -221,3 +228,114 @@ def test_real_ct_labelmap_round_trip(tmp_path, shared_data):
     # about 1043 mL of liver in this example (SOURCE.md)
     ml = sitk.GetArrayViewFromImage(back).sum() * np.prod(back.GetSpacing()) / 1000
     assert 1000 < ml < 1100
+
+
+def _corner_labelmap(size=(120, 100, 60)) -> sitk.Image:
+    """Oblique, flipped, anisotropic grid (x, y, z) with liver and tumour in a box touching the far corner."""
+    arr = np.zeros(size[::-1], np.uint8)
+    rng = np.random.default_rng(3)
+    box = arr[48:, 81:, 95:]  # (z, y, x): 12 x 19 x 25 voxels, up to the last index on every axis
+    box[...] = (rng.random(box.shape) < 0.6).astype(np.uint8)
+    box[rng.random(box.shape) < 0.1] = 2
+    arr[48, 81, 95] = arr[-1, -1, -1] = 1  # the box's corners are labelled: its extent is exactly this
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.68, 0.74, 3.0))
+    img.SetOrigin((-181.5, 40.25, -620.0))
+    a, b = np.deg2rad(20), np.deg2rad(-35)
+    rot = (np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+           @ np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]]) @ np.diag([-1, 1, -1]))
+    img.SetDirection(tuple(rot.ravel()))
+    return img
+
+
+def _assert_same_grid_and_voxels(back: sitk.Image, want: sitk.Image):
+    assert back.GetSize() == want.GetSize()
+    np.testing.assert_allclose(back.GetOrigin(), want.GetOrigin(), atol=1e-6)
+    np.testing.assert_allclose(back.GetSpacing(), want.GetSpacing(), atol=1e-9)
+    np.testing.assert_allclose(back.GetDirection(), want.GetDirection(), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(want))
+
+
+def test_cropped_seg_nrrd_on_an_oblique_flipped_anisotropic_grid(tmp_path):
+    lab = _corner_labelmap()
+    path = segio.write_segmentation(lab, tasks.LIVER, tmp_path / "corner.seg.nrrd")
+    voxels, header = nrrd.read(str(path))
+    assert voxels.shape == (25, 19, 12)  # (i, j, k): the labels' box only
+    assert header["Segmentation_ReferenceImageExtentOffset"] == "95 81 48"
+    np.testing.assert_allclose(header["space origin"], lab.TransformIndexToPhysicalPoint((95, 81, 48)), atol=1e-9)
+    # the reference geometry is the full input grid, as Slicer stores it
+    assert segio.reference_geometry_string(lab) in header["Segmentation_ConversionParameters"]
+    assert header["Segment0_Extent"] == header["Segment1_Extent"] == "0 24 0 18 0 11"
+    # smaller than the same labels stored on the full grid at the same compression
+    full = tmp_path / "full.seg.nrrd"
+    seg = slicerio.read_segmentation(str(path))
+    seg["voxels"] = sitk.GetArrayFromImage(lab).transpose(2, 1, 0)
+    seg["referenceImageExtentOffset"] = [0, 0, 0]
+    seg["ijkToLPS"] = segio._ijk_to_lps(lab)
+    slicerio.write_segmentation(str(full), seg, compression_level=segio.SEG_COMPRESSION_LEVEL)
+    assert path.stat().st_size < full.stat().st_size
+    # read back on the full reference grid, voxel for voxel, from both files
+    for p in (path, full):
+        back, names = segio.read_segmentation(p)
+        assert names == {"Liver": 1, "Liver tumor": 2}
+        _assert_same_grid_and_voxels(back, lab)
+
+
+def test_empty_result_is_one_voxel_and_reads_back_empty_on_the_full_grid(tmp_path):
+    lab = _corner_labelmap() * 0
+    path = segio.write_segmentation(lab, tasks.LIVER, tmp_path / "empty.seg.nrrd")
+    voxels, header = nrrd.read(str(path))
+    assert voxels.shape == (1, 1, 1) and not voxels.any()
+    assert header["Segmentation_ReferenceImageExtentOffset"] == "0 0 0"
+    np.testing.assert_allclose(header["space origin"], lab.GetOrigin(), atol=1e-9)
+    # empty extents: Slicer loads every segment, as an empty one
+    assert [header[f"Segment{i}_Extent"] for i in range(2)] == ["0 -1 0 -1 0 -1"] * 2
+    assert [header[f"Segment{i}_Name"] for i in range(2)] == ["Liver", "Liver tumor"]
+    back, names = segio.read_segmentation(path)
+    assert names == {"Liver": 1, "Liver tumor": 2}
+    _assert_same_grid_and_voxels(back, lab)
+
+
+def test_cropped_photo_labelmap_reads_back_as_one_full_slice(tmp_path):
+    arr = np.zeros((40, 52), np.uint8)
+    arr[31:, :7] = 1  # the bottom-left corner
+    arr[35, 3] = 0
+    lab = sitk.GetImageFromArray(arr)
+    lab.SetOrigin((4.0, -2.0))
+    path = segio.write_segmentation(lab, tasks.RETINA, tmp_path / "photo.seg.nrrd")
+    voxels, header = nrrd.read(str(path))
+    assert voxels.shape == (7, 9, 1)
+    assert header["Segmentation_ReferenceImageExtentOffset"] == "0 31 0"
+    np.testing.assert_allclose(header["space origin"], (4.0, 29.0, 0.0), atol=1e-9)
+    back, names = segio.read_segmentation(path)
+    assert names == {tasks.RETINA.labels[0].name: tasks.RETINA.labels[0].value}
+    assert back.GetSize() == (52, 40, 1)
+    np.testing.assert_allclose(back.GetOrigin(), (4.0, -2.0, 0.0), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back)[0], arr)
+
+
+def test_a_reference_geometry_of_another_lattice_keeps_the_stored_grid(tmp_path):
+    lab = _corner_labelmap()
+    path = segio.write_segmentation(lab, tasks.LIVER, tmp_path / "corner.seg.nrrd")
+    seg = slicerio.read_segmentation(str(path))
+    other = sitk.Image(10, 10, 10, sitk.sitkUInt8)  # e.g. a segmentation edited on another volume
+    seg["conversionParameters"] = [{"name": "Reference image geometry", "value": segio.reference_geometry_string(other),
+                                    "description": "x"}]
+    moved = tmp_path / "moved.seg.nrrd"
+    slicerio.write_segmentation(str(moved), seg)
+    back, _ = segio.read_segmentation(moved)
+    assert back.GetSize() == (25, 19, 12)
+    np.testing.assert_allclose(back.GetOrigin(), lab.TransformIndexToPhysicalPoint((95, 81, 48)), atol=1e-6)
+
+
+@pytest.mark.parametrize("voxel", [(3, 2, 1), (6, 5, 4)])
+def test_one_labelled_voxel_is_stored_in_two(tmp_path, voxel):
+    """Slicer reads any 1-voxel image as "no image data": a single labelled voxel is stored with a neighbour."""
+    lab = sitk.Image(7, 6, 5, sitk.sitkUInt8)
+    lab.SetSpacing((0.7, 0.8, 2.5))
+    lab[voxel] = 1
+    path = segio.write_segmentation(lab, tasks.LIVER, tmp_path / "one.seg.nrrd")
+    voxels, header = nrrd.read(str(path))
+    assert voxels.shape == (2, 1, 1) and voxels.sum() == 1
+    back, _ = segio.read_segmentation(path)
+    _assert_same_grid_and_voxels(back, lab)

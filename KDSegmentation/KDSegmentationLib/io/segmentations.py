@@ -20,6 +20,10 @@ from KDSegmentationLib.errors import InputError
 SEG_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 METADATA_PREFIX = "KDSegmentation_"
+# gzip level of the .seg.nrrd: level 1 on a liver's box of a 512 x 512 x 207 CT takes ~0.01 s, level 9 ~0.4 s for a
+# file about 2.5 times smaller (benchmarks/results/stages.md); the labels are written once and read once
+SEG_COMPRESSION_LEVEL = 1
+_REFERENCE_GEOMETRY = "Reference image geometry"
 
 
 def output_kind(path) -> str:
@@ -95,23 +99,91 @@ def reference_geometry_string(image: sitk.Image) -> str:
     return "".join(f"{n};" for n in numbers + [str(v) for v in extent])
 
 
-def _checked_labels(labelmap: sitk.Image, task) -> np.ndarray:
+def _label_box(arr_zyx: np.ndarray) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(first, last) (z, y, x) indices (inclusive) of the non-zero voxels of ``arr_zyx``; None when all are zero.
+
+    Why per axis on shrinking slabs: one pass over the full grid finds the slices, the other two passes only see
+    those slices, and no full-size boolean copy is made (a 512 x 512 x 200 labelmap takes ~5 ms).
+    """
+    z = np.flatnonzero(arr_zyx.reshape(arr_zyx.shape[0], -1).max(axis=1))
+    if z.size == 0:
+        return None
+    slab = arr_zyx[z[0]:z[-1] + 1]
+    y = np.flatnonzero(slab.max(axis=(0, 2)))
+    x = np.flatnonzero(slab[:, y[0]:y[-1] + 1].max(axis=(0, 1)))
+    return np.array([z[0], y[0], x[0]]), np.array([z[-1], y[-1], x[-1]])
+
+
+def _checked_labels(labelmap: sitk.Image, task) -> Tuple[np.ndarray, Optional[Tuple[np.ndarray, np.ndarray]]]:
+    """(uint8 labels (z, y, x) or (y, x), their non-zero box or None); ValueError for values that are not labels.
+
+    The values are counted in the box only: outside it every voxel is 0.
+    """
     if labelmap.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError("labelmap must have scalar pixels")
-    arr = sitk.GetArrayFromImage(labelmap)
+    arr = sitk.GetArrayViewFromImage(labelmap)  # a view: the labelmap outlives it
     if not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"labelmap must hold integers, got {arr.dtype}")
-    allowed = {0} | {lab.value for lab in task.labels}
-    present = set(np.unique(arr).tolist())
-    if not present <= allowed:
-        raise ValueError(f"labelmap values {sorted(present - allowed)} are not labels of task {task.name}")
-    return arr.astype(np.uint8, copy=False)
+    if arr.dtype != np.uint8:
+        # wider types: values outside 0..255 must be refused, not wrapped by the cast
+        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > 255):
+            present = sorted({int(arr.min()), int(arr.max())} - {0})
+            raise ValueError(f"labelmap values {present} are not labels of task {task.name}")
+        arr = arr.astype(np.uint8)
+    zyx = arr if arr.ndim == 3 else arr[None]
+    box = _label_box(zyx)
+    if box is not None:
+        inside = zyx[box[0][0]:box[1][0] + 1, box[0][1]:box[1][1] + 1, box[0][2]:box[1][2] + 1]
+        counts = np.bincount(inside.ravel(), minlength=256)
+        present = set(np.flatnonzero(counts).tolist())
+        allowed = {0} | {lab.value for lab in task.labels}
+        if not present <= allowed:
+            raise ValueError(f"labelmap values {sorted(present - allowed)} are not labels of task {task.name}")
+    return arr, box
 
 
-def _seg_dict(labelmap3d: sitk.Image, voxels_zyx: np.ndarray, task, extra_metadata) -> dict:
-    # slicerio writes voxels in (i, j, k) = (x, y, z) index order
-    voxels = np.ascontiguousarray(voxels_zyx.transpose(2, 1, 0))
-    full_extent = [0, voxels.shape[0] - 1, 0, voxels.shape[1] - 1, 0, voxels.shape[2] - 1]
+def _stored_box(zyx: np.ndarray, box) -> Tuple[np.ndarray, np.ndarray]:
+    """(voxels (i, j, k) of the box to store, its offset (i, j, k) in the full grid).
+
+    The box is the labels' bounding box, as Slicer stores a segmentation cropped to its segments; an all-empty result
+    is one zero voxel at offset 0 (Slicer's own writer stores an empty segmentation the same way, and its reader
+    takes a 1-voxel image as "no image data").
+    """
+    if box is None:
+        return np.zeros((1, 1, 1), np.uint8), np.zeros(3, int)
+    lo, hi = np.array(box[0]), np.array(box[1])
+    if np.all(lo == hi):
+        # one labelled voxel: Slicer's reader takes any 1-voxel image for "no image data" (and crashes on its
+        # segments), so the box gets a second voxel where the grid has one
+        axis = next((a for a in (2, 1, 0) if zyx.shape[a] > 1), None)
+        if axis is not None:
+            if hi[axis] + 1 < zyx.shape[axis]:
+                hi[axis] += 1
+            else:
+                lo[axis] -= 1
+    inside = zyx[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+    # (z, y, x) -> (i, j, k) as a view: an F-ordered write of it reads the box in place, no transposed copy
+    return inside.transpose(2, 1, 0), lo[::-1].astype(int)
+
+
+def _seg_dict(labelmap3d: sitk.Image, voxels_zyx: np.ndarray, box, task, extra_metadata) -> dict:
+    """slicerio's segmentation dict of the labels cropped to ``box`` ((z, y, x) first/last indices, or None).
+
+    The stored grid is the input grid shifted by the box's offset: its origin is the input-grid point of the offset
+    voxel (so readers that ignore Slicer's private fields still place it right) and
+    ``Segmentation_ReferenceImageExtentOffset`` says where it sits in the reference geometry, stored in full as
+    ``Segmentation_ConversionParameters``.
+    """
+    voxels, offset = _stored_box(voxels_zyx, box)
+    ijk_to_lps = _ijk_to_lps(labelmap3d)
+    ijk_to_lps[:3, 3] += ijk_to_lps[:3, :3] @ offset
+    if box is None:
+        # an empty extent: every segment loads as an empty segment
+        extent = [0, -1, 0, -1, 0, -1]
+    else:
+        # the stored box's extent for every segment, empty ones included: Slicer builds a shared layer's labelmap
+        # from the first segment's extent, so a smaller (or empty) first extent would cut the other segments
+        extent = [0, voxels.shape[0] - 1, 0, voxels.shape[1] - 1, 0, voxels.shape[2] - 1]
     segments = []
     for lab in task.labels:
         segments.append({
@@ -122,21 +194,19 @@ def _seg_dict(labelmap3d: sitk.Image, voxels_zyx: np.ndarray, task, extra_metada
             "colorAutoGenerated": False,
             "labelValue": int(lab.value),
             "layer": 0,
-            # full extent for every segment, empty ones included: older Slicer versions crop a shared layer to the
-            # first segment's extent, and an empty segment must still load (as an empty segment)
-            "extent": list(full_extent),
+            "extent": list(extent),
             "terminology": terminology_dict(lab.terminology),
         })
     seg = {
         "voxels": voxels,
-        "ijkToLPS": _ijk_to_lps(labelmap3d),
+        "ijkToLPS": ijk_to_lps,
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
-        "referenceImageExtentOffset": [0, 0, 0],
+        "referenceImageExtentOffset": [int(v) for v in offset],
         # Slicer's serialisation: "name|value|description&" per parameter (its reader needs the closing "&")
         "Segmentation_ConversionParameters": (
-            f"Reference image geometry|{reference_geometry_string(labelmap3d)}|Image geometry description string "
+            f"{_REFERENCE_GEOMETRY}|{reference_geometry_string(labelmap3d)}|Image geometry description string "
             "determining the geometry of the labelmap that is created in course of conversion.&"),
         "encoding": "gzip",
     }
@@ -159,7 +229,7 @@ def write_segmentation(labelmap: sitk.Image, task, path, extra_metadata: Optiona
     """
     path = Path(path)
     kind = output_kind(path)
-    arr = _checked_labels(labelmap, task)
+    arr, box = _checked_labels(labelmap, task)
     folder = path.parent if str(path.parent) else Path(".")
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -172,9 +242,9 @@ def write_segmentation(labelmap: sitk.Image, task, path, extra_metadata: Optiona
         if kind == "seg":
             import slicerio
 
-            img3d = _as_3d(labelmap)
             zyx = arr if arr.ndim == 3 else arr[None]
-            slicerio.write_segmentation(str(tmp), _seg_dict(img3d, zyx, task, extra_metadata))
+            seg = _seg_dict(_as_3d(labelmap), zyx, box, task, extra_metadata)
+            slicerio.write_segmentation(str(tmp), seg, compression_level=SEG_COMPRESSION_LEVEL)
         else:
             out = sitk.GetImageFromArray(arr)
             out.CopyInformation(labelmap)
@@ -212,8 +282,9 @@ def _is_slicer_seg(path: Path) -> bool:
     return any(k.startswith("Segment0_") for k in header)
 
 
-def _image_from_ijk(voxels_ijk: np.ndarray, ijk_to_lps: np.ndarray) -> sitk.Image:
-    img = sitk.GetImageFromArray(np.ascontiguousarray(voxels_ijk.transpose(2, 1, 0)))
+def _image_from_zyx(voxels_zyx: np.ndarray, ijk_to_lps: np.ndarray) -> sitk.Image:
+    """UInt8 (z, y, x) voxels on the grid of a 4x4 IJK-to-LPS matrix (mm) -> SimpleITK image."""
+    img = sitk.GetImageFromArray(voxels_zyx)
     m = np.asarray(ijk_to_lps, dtype=float)
     spacing = np.linalg.norm(m[:3, :3], axis=0)
     img.SetSpacing(tuple(float(s) for s in spacing))
@@ -222,12 +293,54 @@ def _image_from_ijk(voxels_ijk: np.ndarray, ijk_to_lps: np.ndarray) -> sitk.Imag
     return img
 
 
+def _reference_geometry(seg: dict) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """(IJK-to-LPS 4x4 (mm), extent (6,) ints) of a segmentation's reference image geometry; None if absent or bad."""
+    for parameter in seg.get("conversionParameters", []):
+        if parameter.get("name") != _REFERENCE_GEOMETRY:
+            continue
+        try:
+            numbers = [float(v) for v in str(parameter.get("value", "")).split(";") if v.strip()]
+        except ValueError:
+            return None
+        if len(numbers) != 22:
+            return None
+        ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.array(numbers[:16]).reshape(4, 4)
+        return ijk_to_lps, np.array(numbers[16:], dtype=int)
+    return None
+
+
+def _on_reference_grid(box_ijk: np.ndarray, file_ijk_to_lps: np.ndarray, offset, reference):
+    """The stored box (i, j, k) placed back on its reference grid -> (voxels (z, y, x), IJK-to-LPS of that grid).
+
+    ``offset``: the box's first voxel as a reference-grid index (``Segmentation_ReferenceImageExtentOffset``);
+    ``reference``: :func:`_reference_geometry`. The grid is the reference extent (grown to hold the box, should a
+    segment reach beyond it). Without a reference geometry, or with one that is not the lattice the box lies on
+    (another volume's), the box is returned on its own grid, as stored.
+    """
+    offset = np.asarray(offset if offset is not None else (0, 0, 0), dtype=int)
+    frame = np.array(file_ijk_to_lps, dtype=float)
+    frame[:3, 3] -= frame[:3, :3] @ offset  # reference index 0, as the file places it
+    if reference is None or not np.allclose(np.linalg.solve(reference[0], frame), np.eye(4), atol=1e-3):
+        return np.ascontiguousarray(box_ijk.transpose(2, 1, 0)), np.asarray(file_ijk_to_lps, dtype=float)
+    extent = reference[1]
+    lo = np.minimum(extent[0::2], offset)
+    hi = np.maximum(extent[1::2], offset + np.array(box_ijk.shape) - 1)
+    full = np.zeros(tuple((hi - lo + 1)[::-1]), np.uint8)
+    at = offset - lo
+    full[at[2]:at[2] + box_ijk.shape[2], at[1]:at[1] + box_ijk.shape[1], at[0]:at[0] + box_ijk.shape[0]] = \
+        box_ijk.transpose(2, 1, 0)
+    frame[:3, 3] += frame[:3, :3] @ lo
+    return full, frame
+
+
 def read_segmentation(path) -> Tuple[sitk.Image, Dict[str, int]]:
     """Read a ``.seg.nrrd`` or a plain labelmap -> (UInt8 labelmap, {segment name: label value}).
 
     A Slicer segmentation on one layer keeps its label values; one with overlapping segments (several layers) is merged
     into one labelmap with values 1..N in segment order, later segments winning where they overlap. A plain labelmap
-    gets names ``label_<value>``. A single-slice segmentation stays a single-slice 3D image.
+    gets names ``label_<value>``. A single-slice segmentation stays a single-slice 3D image. A segmentation stored
+    cropped to its segments (as Slicer and :func:`write_segmentation` store it) is returned on its full reference
+    grid (``Segmentation_ReferenceImageExtentOffset`` and the reference image geometry).
     """
     path = Path(path)
     if not path.exists():
@@ -273,5 +386,6 @@ def _read_slicer_seg(path: Path) -> Tuple[sitk.Image, Dict[str, int]]:
             names[s.get("name", s["id"])] = i
     if out.size and int(out.max()) > 255:
         raise InputError(f"{path.name} has more than 255 segments; merge segments before evaluation")
-    img = _image_from_ijk(out.astype(np.uint8), seg["ijkToLPS"])
-    return img, names
+    voxels_zyx, ijk_to_lps = _on_reference_grid(out.astype(np.uint8, copy=False), seg["ijkToLPS"],
+                                                 seg.get("referenceImageExtentOffset"), _reference_geometry(seg))
+    return _image_from_zyx(voxels_zyx, ijk_to_lps), names
