@@ -51,3 +51,56 @@ def test_no_foreground_gives_an_empty_labelmap():
     prob = np.zeros((3,) + prepared.hu.shape, np.float32)
     prob[0] = 1.0
     assert not labels_on_input_grid(prob, prepared).any()
+
+
+def _scipy_largest(mask):
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool))
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+def test_largest_component_equals_scipy_in_3d_and_2d_with_ties():
+    from KDSegmentationLib.tasks.components import largest_component
+
+    rng = np.random.default_rng(1)
+    for shape, p in (((20, 30, 25), 0.2), ((40, 50), 0.35), ((9, 9, 9), 0.05)):
+        mask = rng.random(shape) < p
+        np.testing.assert_array_equal(largest_component(mask), _scipy_largest(mask))
+    tie = np.zeros((6, 10, 10), bool)
+    tie[4, 1:3, 1:3] = True  # same size as the next one, but later in C order
+    tie[1, 6:8, 6:8] = True
+    np.testing.assert_array_equal(largest_component(tie), _scipy_largest(tie))
+    assert largest_component(tie)[1, 6, 6] and not largest_component(tie)[4, 1, 1]
+    assert not largest_component(np.zeros((4, 4, 4), bool)).any()
+
+
+def test_segment_volumes_counts_every_label_in_the_box():
+    from KDSegmentationLib.tasks.ct import segment_volumes
+
+    labels = np.zeros((30, 40, 50), np.uint8)
+    labels[3:9, 10:30, 5:7] = 1
+    labels[4:6, 12:14, 5] = 2
+    got = segment_volumes(labels, LIVER, (0.5, 0.5, 2.0))
+    counts = np.bincount(labels.ravel(), minlength=3)
+    assert got == {"Liver": {"voxels": int(counts[1]), "volume_ml": round(counts[1] * 0.0005, 2)},
+                   "Liver tumor": {"voxels": int(counts[2]), "volume_ml": round(counts[2] * 0.0005, 2)}}
+    assert segment_volumes(labels * 0, LIVER, (1, 1, 1))["Liver"] == {"voxels": 0, "volume_ml": 0.0}
+
+
+def test_slabs_and_skipped_classes_equal_full_resampling_for_any_slab_size():
+    prepared = prepare_ct_volume(_oblique_ct(), LIVER)
+    shape = prepared.hu.shape
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(3,) + shape).astype(np.float32)
+    logits[0] += 2.5  # mostly background; the tumour class wins only here and there
+    logits[2] -= 1.0
+    prob = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    want = _full_resample(prob, prepared)
+    assert (want == 2).any() and (want == 1).any()
+    for slab in (1, 2, 5, 1000):
+        np.testing.assert_array_equal(labels_on_input_grid(prob, prepared, slab_vox=slab), want)

@@ -7,7 +7,7 @@ grid with :func:`labels_on_input_grid`. Arrays are (z, y, x); spacings (x, y, z)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 
@@ -50,63 +50,142 @@ def ct_window(hu: np.ndarray, task: TaskSpec) -> np.ndarray:
     return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_vox: int = 2,
-                         min_prob: float = 0.3, postprocess=None) -> np.ndarray:
-    """Class probabilities (C, z, y, x) on the model grid -> argmax labels uint8 (Z, Y, X) on the input grid.
+def _input_box(prepared: PreparedVolume, lo_zyx, hi_zyx, start=None, stop=None):
+    """Model-grid box (z, y, x) first/last indices -> (start, stop) (x, y, z) of the input-grid voxels it covers.
 
-    Each class's probability is interpolated (linear) onto the input grid and the argmax is kept as it goes, so the
-    boundaries are sub-voxel accurate although the model grid is coarser, while only one float map is alive at a
-    time. Only the input-grid box around the model-grid voxels whose foreground probability reaches ``min_prob``
-    (plus ``margin_vox`` model voxels) is resampled: elsewhere the answer is background, and an organ fills a fifth
-    of a CT, so this is most of the cost saved. Why 0.3 is safe: where all model-grid neighbours of an input voxel
-    have foreground below 0.3, their background exceeds 0.7, and so does its interpolation, which then beats every
-    foreground class. ``postprocess`` (labels -> labels) runs on that box only.
+    One input voxel of slack on each side (the corners' continuous indices are rounded outwards), clipped to the
+    input grid and to ``start``/``stop`` when given; None when nothing is left.
     """
+    original = prepared.original
+    corners = [prepared.grid.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
+               for z in (lo_zyx[0], hi_zyx[0]) for y in (lo_zyx[1], hi_zyx[1]) for x in (lo_zyx[2], hi_zyx[2])]
+    cidx = np.array([original.TransformPhysicalPointToContinuousIndex(p) for p in corners])
+    lo = np.maximum(np.floor(cidx.min(0)).astype(int) - 1, 0 if start is None else start)
+    hi = np.minimum(np.ceil(cidx.max(0)).astype(int) + 1, np.array(original.GetSize()) - 1 if stop is None else stop)
+    return None if np.any(hi < lo) else (lo, hi)
+
+
+def _model_slices(prepared: PreparedVolume, start, stop) -> Tuple[int, int]:
+    """Input-grid box (x, y, z) -> the model-grid z slices (first, last) whose values interpolation reads there."""
+    original, grid = prepared.original, prepared.grid
+    cz = [grid.TransformPhysicalPointToContinuousIndex(original.TransformIndexToPhysicalPoint(
+        (int(x), int(y), int(z))))[2] for z in (start[2], stop[2]) for y in (start[1], stop[1])
+        for x in (start[0], stop[0])]
+    return max(int(np.floor(min(cz))), 0), min(int(np.floor(max(cz))) + 1, grid.GetSize()[2] - 1)
+
+
+def _argmax_into(out: np.ndarray, maps, classes, prepared: PreparedVolume, start, stop, at) -> None:
+    """Write the argmax over the classes' linear interpolations on the input box ``start..stop`` (x, y, z) into
+    ``out`` (uint8, (z, y, x)) at ``at`` (its (x, y, z) offset). ``maps``: one float32 model-grid image per class;
+    ``classes``: those that can win there (0 first; a class that cannot beat the others changes no label)."""
     import SimpleITK as sitk
 
     original = prepared.original
-    size = original.GetSize()
-    labels = np.zeros(size[::-1], np.uint8)
-    fg = (1.0 - prob_zyx[0]) >= min_prob
-    if not fg.any():
-        return labels
-    idx = np.argwhere(fg)
-    lo = np.maximum(idx.min(0) - margin_vox, 0)
-    hi = np.minimum(idx.max(0) + margin_vox, np.array(fg.shape) - 1)
-    # the box's corners (model grid, x/y/z index order) -> continuous indices of the input grid
-    corners = [prepared.grid.TransformContinuousIndexToPhysicalPoint(
-        (float(x), float(y), float(z))) for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])]
-    cidx = np.array([original.TransformPhysicalPointToContinuousIndex(p) for p in corners])
-    start = np.maximum(np.floor(cidx.min(0)).astype(int) - 1, 0)
-    stop = np.minimum(np.ceil(cidx.max(0)).astype(int) + 1, np.array(size) - 1)
-    if np.any(stop < start):
-        return labels
-    box_size = [int(v) for v in (stop - start + 1)]
-    box_origin = original.TransformIndexToPhysicalPoint([int(v) for v in start])
-    best = box_labels = None
-    for c in range(prob_zyx.shape[0]):
-        img = sitk.GetImageFromArray(np.ascontiguousarray(prob_zyx[c], dtype=np.float32))
-        img.CopyInformation(prepared.grid)
-        res = sitk.Resample(img, box_size, sitk.Transform(), sitk.sitkLinear, box_origin, original.GetSpacing(),
+    size = [int(v) for v in (stop - start + 1)]
+    origin = original.TransformIndexToPhysicalPoint([int(v) for v in start])
+    view = out[at[2]:at[2] + size[2], at[1]:at[1] + size[1], at[0]:at[0] + size[0]]
+    best = None
+    for c in classes:
+        res = sitk.Resample(maps[c], size, sitk.Transform(), sitk.sitkLinear, origin, original.GetSpacing(),
                             original.GetDirection(), 1.0 if c == 0 else 0.0, sitk.sitkFloat32)
         p = sitk.GetArrayViewFromImage(res)
         if best is None:
             best = np.array(p, dtype=np.float32)
-            box_labels = np.zeros(best.shape, np.uint8)
             continue
-        better = p > best
-        box_labels[better] = c
+        better = p > best  # strictly: the first class wins ties, as with argmax
+        np.copyto(view, np.uint8(c), where=better)
         np.maximum(best, p, out=best)
-        del res, p, better
+
+
+def _possible_classes(prob_zyx: np.ndarray, k0: int, k1: int, normalised: bool):
+    """Classes whose interpolation can be the argmax somewhere between model slices ``k0..k1`` (0 always first).
+
+    Why exact: an interpolation is a convex combination of model voxels, so it never exceeds their maximum; where a
+    class stays below 1/C - 0.001 and the probabilities sum to 1, the other classes share more than 1 - 1/C, and one
+    of them is above it. Unnormalised probabilities: every class.
+    """
+    n = prob_zyx.shape[0]
+    if not normalised:
+        return list(range(n))
+    return [0] + [c for c in range(1, n) if float(prob_zyx[c, k0:k1 + 1].max()) >= 1.0 / n - 1e-3]
+
+
+def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_vox: int = 1,
+                         min_prob: float = 0.3, postprocess=None, slab_vox: int = 2) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on the model grid -> argmax labels uint8 (Z, Y, X) on the input grid.
+
+    Each class's probability is interpolated (linear) onto the input grid and the argmax is kept as it goes, so the
+    boundaries are sub-voxel accurate although the model grid is coarser. Only input voxels near model-grid voxels
+    whose foreground probability reaches ``min_prob`` are resampled: elsewhere the answer is background. Why 0.3 is
+    safe: where all model-grid neighbours of an input voxel have foreground below 0.3, their background exceeds 0.7,
+    and so does its interpolation, which then beats every foreground class. Linear interpolation reads the two
+    model voxels around a point on each axis, so ``margin_vox`` = 1 model voxel around them is exact. The box is cut
+    into slabs of ``slab_vox`` model slices, each resampled in its own (y, x) box and only for the classes that can
+    win there: an organ is far from a box, and a tumour class is absent from most slices. ``postprocess``
+    (labels -> labels, uint8) runs on the whole box.
+    """
+    labels = np.zeros(prepared.original.GetSize()[::-1], np.uint8)
+    fg = (1.0 - prob_zyx[0]) >= min_prob
+    if not fg.any():
+        return labels
+    idx = np.argwhere(fg)
+    box = _input_box(prepared, np.maximum(idx.min(0) - margin_vox, 0),
+                     np.minimum(idx.max(0) + margin_vox, np.array(fg.shape) - 1))
+    if box is None:
+        return labels
+    start, stop = box
+    box_labels = np.zeros(tuple((stop - start + 1)[::-1]), np.uint8)
+    maps = _model_maps(prob_zyx, prepared)
+    normalised = bool(np.abs(prob_zyx.sum(axis=0, dtype=np.float64) - 1.0).max() < 1e-4)
+    z_edges = _slab_edges(prepared, start, stop, slab_vox)
+    for z0, z1 in zip(z_edges[:-1], z_edges[1:]):
+        slab_start, slab_stop = np.array([start[0], start[1], z0]), np.array([stop[0], stop[1], z1 - 1])
+        k0, k1 = _model_slices(prepared, slab_start, slab_stop)
+        near = fg[k0:k1 + 1].any(axis=0)  # the (y, x) of the model voxels interpolation reads in this slab
+        if not near.any():
+            continue
+        yx = np.argwhere(near)
+        sub = _input_box(prepared, (k0, *np.maximum(yx.min(0) - margin_vox, 0)),
+                         (k1, *np.minimum(yx.max(0) + margin_vox, np.array(near.shape) - 1)), slab_start, slab_stop)
+        if sub is not None:
+            _argmax_into(box_labels, maps, _possible_classes(prob_zyx, k0, k1, normalised), prepared, sub[0],
+                         sub[1], sub[0] - start)
     if postprocess is not None:
         box_labels = postprocess(box_labels)
     labels[start[2]:stop[2] + 1, start[1]:stop[1] + 1, start[0]:stop[0] + 1] = box_labels
     return labels
 
 
+def _model_maps(prob_zyx: np.ndarray, prepared: PreparedVolume) -> list:
+    """One float32 SimpleITK image per class on the model grid."""
+    import SimpleITK as sitk
+
+    maps = []
+    for c in range(prob_zyx.shape[0]):
+        img = sitk.GetImageFromArray(np.ascontiguousarray(prob_zyx[c], dtype=np.float32))
+        img.CopyInformation(prepared.grid)
+        maps.append(img)
+    return maps
+
+
+def _slab_edges(prepared: PreparedVolume, start, stop, slab_vox: int) -> np.ndarray:
+    """Input z indices cutting ``start..stop`` into slabs of about ``slab_vox`` model slices (last edge = stop + 1)."""
+    ratio = prepared.grid.GetSpacing()[2] / prepared.original.GetSpacing()[2]
+    step = max(int(round(slab_vox * ratio)), 1)
+    return np.append(np.arange(start[2], stop[2] + 1, step), stop[2] + 1)
+
+
 def segment_volumes(labels: np.ndarray, task: TaskSpec, spacing) -> Dict[str, dict]:
-    """Per-segment voxel counts and volumes in mL (``spacing`` in mm, x/y/z)."""
+    """Per-segment voxel counts and volumes in mL of uint8 ``labels`` (``spacing`` in mm, x/y/z).
+
+    Counted in the labels' bounding box only, one comparison per label: a histogram of a whole 512 x 512 x N grid
+    (mostly background) costs more than finding the box.
+    """
+    from KDSegmentationLib.tasks.components import mask_box
+
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    counts = np.bincount(labels.ravel(), minlength=task.num_classes)
-    return {lab.name: {"voxels": int(counts[lab.value]), "volume_ml": round(counts[lab.value] * voxel_ml, 2)}
-            for lab in task.labels}
+    box = mask_box(labels)
+    inside = labels[box] if box is not None else labels[:0]
+    counts = {lab.name: np.int64(np.count_nonzero(inside == lab.value)) for lab in task.labels}
+    # numpy's rounding of a numpy float, as the recorded results were rounded
+    return {name: {"voxels": int(n), "volume_ml": round(n * voxel_ml, 2)} for name, n in counts.items()}
