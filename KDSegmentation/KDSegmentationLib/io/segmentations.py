@@ -20,9 +20,9 @@ from KDSegmentationLib.errors import InputError
 SEG_SUFFIX = ".seg.nrrd"
 LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 METADATA_PREFIX = "KDSegmentation_"
-# gzip level of the .seg.nrrd: level 1 on a liver's box of a 512 x 512 x 207 CT takes ~0.01 s, level 9 ~0.4 s for a
-# file about 2.5 times smaller (benchmarks/results/stages.md); the labels are written once and read once
-SEG_COMPRESSION_LEVEL = 1
+# gzip level of the .seg.nrrd. A liver's box of a 512 x 512 x 85 CT (6 MB): levels 1, 2 and 3 take the same ~0.01 s
+# for 101, 95 and 88 KiB, level 9 ~0.24 s for 35 KiB (benchmarks/results/stages.md): 3 is the smallest of the fast ones
+SEG_COMPRESSION_LEVEL = 3
 _REFERENCE_GEOMETRY = "Reference image geometry"
 
 
@@ -134,9 +134,11 @@ def _checked_labels(labelmap: sitk.Image, task) -> Tuple[np.ndarray, Optional[Tu
     box = _label_box(zyx)
     if box is not None:
         inside = zyx[box[0][0]:box[1][0] + 1, box[0][1]:box[1][1] + 1, box[0][2]:box[1][2] + 1]
-        counts = np.bincount(inside.ravel(), minlength=256)
-        present = set(np.flatnonzero(counts).tolist())
         allowed = {0} | {lab.value for lab in task.labels}
+        top = int(inside.max())
+        # labels 1..N: the maximum alone proves the values (a histogram of the box costs ~20 times more)
+        present = set(range(top + 1)) if set(range(top + 1)) <= allowed else set(
+            np.flatnonzero(np.bincount(inside.ravel(), minlength=256)).tolist())
         if not present <= allowed:
             raise ValueError(f"labelmap values {sorted(present - allowed)} are not labels of task {task.name}")
     return arr, box

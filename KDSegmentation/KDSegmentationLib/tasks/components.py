@@ -24,39 +24,34 @@ def mask_box(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
     return tuple(box)
 
 
-def _largest_label(labels: np.ndarray, n: int) -> int:
-    """The label (1..n) with the most voxels; of equal ones, the one met first in C order (scipy's numbering)."""
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    sizes[0] = 0
-    tied = np.flatnonzero(sizes == sizes.max())
-    if tied.size == 1:
-        return int(tied[0])
-    values, first = np.unique(labels.ravel(), return_index=True)
-    at = dict(zip(values.tolist(), first.tolist()))
-    return int(min(tied, key=lambda v: at[int(v)]))
-
-
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """Keep the largest 26-/8-connected component (3D/2D) of a mask; boolean, the shape of ``mask``.
 
-    The components are found in the mask's bounding box only, with ITK's (multi-threaded) labelling: a liver in a
-    512 x 512 x 200 CT is labelled in ~25 ms instead of ~80 ms (scipy). Ties go to the component met first in C
-    order, as with scipy's numbering.
+    The components are found and measured in the mask's bounding box only, by ITK (multi-threaded labelling, sizes
+    counted while relabelling by size), with no full-size integer copy: a liver in a 512 x 512 x 170 CT costs
+    ~0.2 s instead of ~0.6 s with scipy and a histogram. Of equally large components, the one met first in C order
+    is kept, as with scipy's numbering.
     """
     import SimpleITK as sitk
 
     box = mask_box(mask)
     if box is None:
         return mask.astype(bool, copy=False)
-    inside = np.ascontiguousarray(mask[box], dtype=np.uint8)
-    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(inside), True)  # fully connected: 26 (3D) / 8 (2D)
-    n = int(sitk.GetArrayViewFromImage(cc).max()) if inside.size else 0
-    if n <= 1:
+    cc = sitk.ConnectedComponent(sitk.GetImageFromArray(np.ascontiguousarray(mask[box], dtype=np.uint8)), True)
+    relabel = sitk.RelabelComponentImageFilter()  # label 1 = the largest; 26 (3D) / 8 (2D) neighbours above
+    by_size = relabel.Execute(cc)
+    sizes = list(relabel.GetSizeOfObjectsInPixels())
+    if len(sizes) <= 1:
         return mask.astype(bool, copy=False)
-    labels = sitk.GetArrayViewFromImage(cc)
-    keep = np.zeros(mask.shape, bool)
-    keep[box] = labels == _largest_label(labels, n)
-    return keep
+    labels = sitk.GetArrayViewFromImage(by_size)
+    keep = 1
+    if sizes[1] == sizes[0]:
+        # a tie: labels 1..t are the largest ones; the first of their voxels in C order names the one to keep
+        t = sum(1 for s in sizes if s == sizes[0])
+        keep = int(labels.ravel()[np.flatnonzero((labels >= 1) & (labels <= t))[0]])
+    out = np.zeros(mask.shape, bool)
+    out[box] = labels == keep
+    return out
 
 
 def select_component(mask: np.ndarray, seed: Sequence[int], spacing_mm: Sequence[float],
