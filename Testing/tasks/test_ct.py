@@ -102,5 +102,6 @@ def test_slabs_and_skipped_classes_equal_full_resampling_for_any_slab_size():
     prob = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
     want = _full_resample(prob, prepared)
     assert (want == 2).any() and (want == 1).any()
-    for slab in (1, 2, 5, 1000):
-        np.testing.assert_array_equal(labels_on_input_grid(prob, prepared, slab_vox=slab), want)
+    for slab, min_voxels in ((1, 1), (2, 1), (5, 1), (2, 1 << 18), (1000, 1)):
+        np.testing.assert_array_equal(labels_on_input_grid(prob, prepared, slab_vox=slab, min_slab_voxels=min_voxels),
+                                      want)

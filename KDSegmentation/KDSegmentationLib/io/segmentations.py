@@ -1,9 +1,11 @@
 """Write and read segmentations: Slicer ``.seg.nrrd`` (names, colours, terminology) or a plain labelmap.
 
 Geometry is taken from the labelmap image unchanged (LPS origin, spacing, direction), so the result lies exactly on the
-input grid. A 2D photo labelmap is written as a single-slice 3D volume (z spacing 1 mm, z origin 0), as Slicer stores
-photos. Every write goes to a temporary file in the target folder and is renamed into place, so a failed write never
-leaves a partial file.
+input grid. A ``.seg.nrrd`` stores only the bounding box of the labels, as Slicer stores segmentations: the file's grid
+is the input grid shifted to the box (``Segmentation_ReferenceImageExtentOffset`` = the box's first voxel index), the
+full input grid is kept as the reference image geometry, and reading pads the box back onto it. A 2D photo labelmap
+is written as a single-slice 3D volume (z spacing 1 mm, z origin 0), as Slicer stores photos. Every write goes to a
+temporary file in the target folder and is renamed into place, so a failed write never leaves a partial file.
 """
 from __future__ import annotations
 

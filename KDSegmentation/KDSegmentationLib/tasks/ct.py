@@ -82,12 +82,19 @@ def _argmax_into(out: np.ndarray, maps, classes, prepared: PreparedVolume, start
 
     original = prepared.original
     size = [int(v) for v in (stop - start + 1)]
-    origin = original.TransformIndexToPhysicalPoint([int(v) for v in start])
     view = out[at[2]:at[2] + size[2], at[1]:at[1] + size[1], at[0]:at[0] + size[0]]
+    # one filter for all classes: building a filter and its transform per call costs as much as a small slab
+    resample = sitk.ResampleImageFilter()
+    resample.SetInterpolator(sitk.sitkLinear)
+    resample.SetOutputPixelType(sitk.sitkFloat32)
+    resample.SetOutputSpacing(original.GetSpacing())
+    resample.SetOutputDirection(original.GetDirection())
+    resample.SetOutputOrigin(original.TransformIndexToPhysicalPoint([int(v) for v in start]))
+    resample.SetSize(size)
     best = None
     for c in classes:
-        res = sitk.Resample(maps[c], size, sitk.Transform(), sitk.sitkLinear, origin, original.GetSpacing(),
-                            original.GetDirection(), 1.0 if c == 0 else 0.0, sitk.sitkFloat32)
+        resample.SetDefaultPixelValue(1.0 if c == 0 else 0.0)
+        res = resample.Execute(maps[c])
         p = sitk.GetArrayViewFromImage(res)
         if best is None:
             best = np.array(p, dtype=np.float32)
@@ -111,7 +118,8 @@ def _possible_classes(prob_zyx: np.ndarray, k0: int, k1: int, normalised: bool):
 
 
 def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_vox: int = 1,
-                         min_prob: float = 0.3, postprocess=None, slab_vox: int = 2) -> np.ndarray:
+                         min_prob: float = 0.3, postprocess=None, slab_vox: int = 2,
+                         min_slab_voxels: int = 1 << 18) -> np.ndarray:
     """Class probabilities (C, z, y, x) on the model grid -> argmax labels uint8 (Z, Y, X) on the input grid.
 
     Each class's probability is interpolated (linear) onto the input grid and the argmax is kept as it goes, so the
@@ -121,8 +129,8 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
     and so does its interpolation, which then beats every foreground class. Linear interpolation reads the two
     model voxels around a point on each axis, so ``margin_vox`` = 1 model voxel around them is exact. The box is cut
     into slabs of ``slab_vox`` model slices, each resampled in its own (y, x) box and only for the classes that can
-    win there: an organ is far from a box, and a tumour class is absent from most slices. ``postprocess``
-    (labels -> labels, uint8) runs on the whole box.
+    win there: an organ is far from a box, and a tumour class is absent from most slices; a slab holds at least
+    ``min_slab_voxels`` input voxels. ``postprocess`` (labels -> labels, uint8) runs on the whole box.
     """
     labels = np.zeros(prepared.original.GetSize()[::-1], np.uint8)
     fg = (1.0 - prob_zyx[0]) >= min_prob
@@ -137,7 +145,7 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
     box_labels = np.zeros(tuple((stop - start + 1)[::-1]), np.uint8)
     maps = _model_maps(prob_zyx, prepared)
     normalised = bool(np.abs(prob_zyx.sum(axis=0, dtype=np.float64) - 1.0).max() < 1e-4)
-    z_edges = _slab_edges(prepared, start, stop, slab_vox)
+    z_edges = _slab_edges(prepared, start, stop, slab_vox, min_slab_voxels)
     for z0, z1 in zip(z_edges[:-1], z_edges[1:]):
         slab_start, slab_stop = np.array([start[0], start[1], z0]), np.array([stop[0], stop[1], z1 - 1])
         k0, k1 = _model_slices(prepared, slab_start, slab_stop)
@@ -168,10 +176,13 @@ def _model_maps(prob_zyx: np.ndarray, prepared: PreparedVolume) -> list:
     return maps
 
 
-def _slab_edges(prepared: PreparedVolume, start, stop, slab_vox: int) -> np.ndarray:
-    """Input z indices cutting ``start..stop`` into slabs of about ``slab_vox`` model slices (last edge = stop + 1)."""
+def _slab_edges(prepared: PreparedVolume, start, stop, slab_vox: int, min_voxels: int = 1 << 18) -> np.ndarray:
+    """Input z indices cutting ``start..stop`` (x, y, z) into slabs of about ``slab_vox`` model slices, each of at
+    least ``min_voxels`` input voxels (a small box stays whole: each slab costs a few resampling calls); the last
+    edge is stop + 1."""
     ratio = prepared.grid.GetSpacing()[2] / prepared.original.GetSpacing()[2]
-    step = max(int(round(slab_vox * ratio)), 1)
+    plane = int((stop[0] - start[0] + 1) * (stop[1] - start[1] + 1))
+    step = max(int(round(slab_vox * ratio)), -(-min_voxels // plane), 1)
     return np.append(np.arange(start[2], stop[2] + 1, step), stop[2] + 1)
 
 
