@@ -21,9 +21,12 @@ fi
 # TotalSegmentator and nnU-Net v2 with torch held at the installed build (constraint file), MONAI for SegResNet.
 CONS="$(mktemp)"; trap 'rm -f "$CONS"' EXIT
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$CONS"
-"$VENV/bin/pip" install -q -c "$CONS" "TotalSegmentator==2.18.0" nnunetv2 monai psutil
-# torchvision from the index is built against another torch and fails to load its C++ operators with CPU torch.
-# Nothing on TotalSegmentator's inference path uses those operators, so the check is only that the packages import.
+# Versions pinned to those the committed results were measured with (benchmarks/results/peers.md).
+"$VENV/bin/pip" install -q -c "$CONS" "TotalSegmentator==2.18.0" "nnunetv2==2.8.1" "monai==1.6.1" psutil
+# torchvision from the index is built against CUDA torch and fails to load its C++ operators with CPU torch, so
+# `import torchvision` raises. Nothing on TotalSegmentator's inference path uses those operators, but nnU-Net's
+# trainer search imports the Primus trainers (timm -> torchvision): run_peers.py starts TotalSegmentator through
+# totalseg_cli.py, which leaves that one module out. The check here is only that the packages import.
 "$VENV/bin/python" - <<'PY'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.version.cuda)
@@ -37,3 +40,4 @@ except Exception as e:  # operators built for another torch
     print("torchvision does not import (", type(e).__name__, str(e)[:120], ") - not needed for inference")
 PY
 echo "peers environment ready: $VENV"
+echo "next: python benchmarks/peers/run_peers.py   (writes the random weights to /work/peers-totalseg-home, then measures)"
