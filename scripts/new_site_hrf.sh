@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Local distillation at a new site, measured: HRF (Canon CR-1, 45 degrees) as the hospital's own camera.
+#
+#   bash scripts/new_site_hrf.sh SHARED_DATA OUT
+#
+# The fixed split is HRF's source split (cases.json): the 24 "training" photographs are the site's unlabelled images
+# (their masks are never read), the 21 "test" photographs are the labelled held-out half. Steps:
+#   1. teacher_dc: a teacher on DRIVE training + CHASE_DB1 children 01-10 (two cameras), 50 CPU minutes, calibrated on
+#      its own validation cases;
+#   2. every teacher candidate (shipped teacher, teacher_dc, ensembles with flips) and the shipped student evaluated on
+#      the HRF test half, DRIVE test and CHASE_DB1 test (children 11-14);
+#   3. the shipped student distilled locally (half of each batch from the unlabelled HRF half, half from labelled DRIVE,
+#      kd=1, 12 CPU minutes) from the shipped teacher and from teacher_dc, and evaluated the same way.
+# Results: OUT/*.json (kdseg evaluate) and OUT/summary.txt.
+set -euo pipefail
+SHARED=${1:?shared data folder (holding retina/)}; OUT=${2:?output folder}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+export PYTHONPATH="$HERE/KDSegmentation${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+R=$SHARED/retina; M=$HERE/Resources/Models; mkdir -p "$OUT"
+kdseg() { python3 -m KDSegmentationLib "$@"; }
+
+# folders of links: DRIVE + CHASE 01-10 (images/labels/fov), the unlabelled HRF half, the HRF test ids
+DC=$OUT/data_drive_chase; UNL=$OUT/data_hrf_unlabelled
+if [ ! -d "$DC" ]; then
+  mkdir -p "$DC/images" "$DC/labels" "$DC/fov"
+  for f in "$R"/DRIVE/training/images/*; do id=$(basename "$f" | cut -d_ -f1)
+    ln -s "$f" "$DC/images/drive_$id.tif"; ln -s "$R/DRIVE/training/1st_manual/${id}_manual1.gif" "$DC/labels/drive_$id.gif"
+    ln -s "$R/DRIVE/training/mask/${id}_training_mask.gif" "$DC/fov/drive_$id.gif"; done
+  for n in 01 02 03 04 05 06 07 08 09 10; do for s in L R; do
+    ln -s "$R/CHASE_DB1/images/Image_${n}${s}.jpg" "$DC/images/chase_${n}${s}.jpg"
+    ln -s "$R/CHASE_DB1/manual/Image_${n}${s}_1stHO.png" "$DC/labels/chase_${n}${s}.png"; done; done
+fi
+IDS=$(python3 - "$R/HRF/cases.json" "$UNL" <<'PY'
+import json, os, sys
+cases = json.load(open(sys.argv[1]))
+os.makedirs(sys.argv[2], exist_ok=True)
+for c in cases:
+    link = os.path.join(sys.argv[2], c["id"] + ".jpg")
+    if c["split_in_source"] == "training" and not os.path.lexists(link):
+        os.symlink(os.path.join(os.path.dirname(sys.argv[1]), "images", c["id"] + ".jpg"), link)
+print(",".join(c["id"] for c in cases if c["split_in_source"] == "test"))
+PY
+)
+
+T=$OUT/retina_teacher_dc.kdseg.pt
+if [ ! -f "$T" ]; then
+  kdseg train-teacher --task retina --data "$DC" --arch-args '{"filters": [16, 32, 64, 128, 256]}' --patch 128,128 \
+    --batch-size 8 --val-fraction 0.15 --val-every 150 --seed 1 --max-minutes 50 --device cpu --output "$T" \
+    --progress json > "$T.log"
+  kdseg calibrate --model "$T" --data "$DC" --device cpu
+fi
+
+evaluate() {  # TAG MODEL
+  kdseg evaluate --task retina --data "$R/HRF" --cases "$IDS" --model "$2" --device cpu --output "$OUT/$1_hrf.json" >/dev/null
+  kdseg evaluate --task retina --data "$R/DRIVE" --split test --model "$2" --device cpu --output "$OUT/$1_drive.json" >/dev/null
+  kdseg evaluate --task retina --data "$R/CHASE_DB1" --split test --model "$2" --device cpu --output "$OUT/$1_chase.json" >/dev/null
+}
+evaluate student "$M/retina_student.kdseg.pt"
+evaluate teacher "$M/retina_teacher.kdseg.pt"
+evaluate teacher_dc "$T"
+evaluate teacher_dc+teacher "$T,$M/retina_teacher.kdseg.pt"
+evaluate teacher_dc+student "$T,$M/retina_student.kdseg.pt"
+
+distil() {  # TAG TEACHER
+  local S=$OUT/retina_student_local_hrf_$1.kdseg.pt
+  [ -f "$S" ] || kdseg distill --task retina --data "$R/DRIVE" --patch 128,128 --batch-size 8 --val-fraction 0.15 \
+    --val-every 150 --losses kd=1 --alpha 0.5 --temperature 2 --seed 0 --unlabelled "$UNL" --unlabelled-fraction 0.5 \
+    --init "$M/retina_student.kdseg.pt" --teacher "$2" --max-minutes 12 --lr 5e-4 --output "$S" --device cpu \
+    --progress json > "$S.log"
+  evaluate "local_$1" "$S"
+}
+distil t0 "$M/retina_teacher.kdseg.pt"
+distil tdc "$T"
+
+python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+print(f"{'model':28s} {'set':6s} {'n':>3s} {'Dice':>7s} {'prec':>7s} {'recall':>7s} {'AUC':>7s}")
+for f in sorted(out.glob("*_*.json")):
+    r = json.loads(f.read_text()); m = r["mean"]["Retinal vessels"]
+    tag, _, where = f.stem.rpartition("_")
+    print(f"{tag:28s} {where:6s} {r['n_cases']:3d} " + " ".join(f"{m[k]['mean']:7.4f}" for k in ("dice", "precision", "recall", "auc")))
+PY
