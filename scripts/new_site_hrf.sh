@@ -57,9 +57,10 @@ evaluate() {  # TAG MODEL
 }
 evaluate student "$M/retina_student.kdseg.pt"
 evaluate teacher "$M/retina_teacher.kdseg.pt"
+evaluate student+teacher "$M/retina_student.kdseg.pt,$M/retina_teacher.kdseg.pt"
+evaluate teacher+flips "$M/retina_teacher.kdseg.pt,$M/retina_teacher.kdseg.pt"   # one model twice: its flips alone
 evaluate teacher_dc "$T"
 evaluate teacher_dc+teacher "$T,$M/retina_teacher.kdseg.pt"
-evaluate teacher_dc+student "$T,$M/retina_student.kdseg.pt"
 
 distil() {  # TAG TEACHER
   local S=$OUT/retina_student_local_hrf_$1.kdseg.pt
