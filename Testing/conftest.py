@@ -15,6 +15,18 @@ if str(LIB_PARENT) not in sys.path:
 SHARED_DATA = Path(os.environ.get("KDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def save_tiny_student(task: str, path, **save_options) -> Path:
+    """A student of ``task``'s shipped architecture at width 4 with random weights (seed with torch.manual_seed
+    first), saved as a model file: enough to run every stage of a pipeline in a test."""
+    from KDSegmentationLib.models.files import save_model
+    from KDSegmentationLib.models.networks import build_network, default_arch_args
+
+    arch, args = default_arch_args(task, "student")
+    args = dict(args, width=4)
+    return save_model(path, build_network(arch, **args), arch=arch, arch_args=args, task=task, role="student",
+                      **save_options)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, require
+from conftest import REPO, require, save_tiny_student
 from KDSegmentationLib.inference.inferer import Inferer
-from KDSegmentationLib.models.files import save_model
 from KDSegmentationLib.models.networks import build_network, default_arch_args
 
 ENGINE = REPO / "KDSegmentation" / "KDSegmentationLib"
@@ -45,10 +44,7 @@ def drive_pair(shared_data, tmp_path) -> Path:
 @pytest.fixture()
 def tiny_retina_model(tmp_path) -> Path:
     torch.manual_seed(0)
-    arch, args = default_arch_args("retina", "student")
-    args = dict(args, width=4)
-    return save_model(tmp_path / "tiny.kdseg.pt", build_network(arch, **args), arch=arch, arch_args=args,
-                      task="retina", role="student", card={"split": {"val_cases": ["01_test"]}})
+    return save_tiny_student("retina", tmp_path / "tiny.kdseg.pt", card={"split": {"val_cases": ["01_test"]}})
 
 
 def test_segment_evaluate_calibrate_validate_and_ablation_share_the_deployment_inferer(

@@ -55,20 +55,16 @@ def withheld_for(entry: Dict, task) -> Dict[str, str]:
 
 def apply(path: Path, withheld: Dict[str, str]) -> bool:
     """Write ``withheld`` into the model file when it differs from what the file holds; True when rewritten."""
-    from KDSegmentationLib.models.files import load_model, save_model
+    from KDSegmentationLib.models.files import read_header, rewrite_header
 
-    loaded = load_model(path)
-    h = loaded.header
-    pre = dict(h.get("preprocessing") or {})
+    pre = dict(read_header(path).get("preprocessing") or {})
     if pre.get("withheld_labels", {}) == withheld:
         return False
     if withheld:
         pre["withheld_labels"] = withheld
     else:
         pre.pop("withheld_labels", None)
-    save_model(path, loaded.network, arch=h["arch"], arch_args=h["arch_args"], task=h["task"], role=h["role"],
-               version=h.get("version", "1"), preprocessing=pre,
-               labels={int(k): v for k, v in h.get("labels", {}).items()}, card=h.get("card") or {}, overwrite=True)
+    rewrite_header(path, preprocessing=pre)
     return True
 
 

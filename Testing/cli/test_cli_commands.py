@@ -13,10 +13,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import LIB_PARENT, REPO
+from conftest import LIB_PARENT, REPO, save_tiny_student
 from KDSegmentationLib.cli.main import main
-from KDSegmentationLib.models.files import save_model
-from KDSegmentationLib.models.networks import build_network, default_arch_args
 from KDSegmentationLib.io.segmentations import read_segmentation
 from KDSegmentationLib.tasks import TASKS
 
@@ -31,11 +29,7 @@ def tiny_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     paths = {}
     for task in TASKS:
-        arch, args = default_arch_args(task, "student")
-        args = dict(args, width=4)
-        net = build_network(arch, **args)
-        paths[task] = save_model(folder / f"{task}_tiny.kdseg.pt", net, arch=arch, arch_args=args, task=task,
-                                 role="student")
+        paths[task] = save_tiny_student(task, folder / f"{task}_tiny.kdseg.pt")
     return paths
 
 

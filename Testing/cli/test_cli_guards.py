@@ -17,12 +17,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import LIB_PARENT, REPO
+from conftest import LIB_PARENT, REPO, save_tiny_student
 from KDSegmentationLib.cli.arguments import available_cpus
 from KDSegmentationLib.cli.main import main
 from KDSegmentationLib.models.catalog import resolve_model
-from KDSegmentationLib.models.files import save_model
-from KDSegmentationLib.models.networks import build_network, default_arch_args
 from KDSegmentationLib.tasks import get_task
 
 SAMPLES = REPO / "Resources" / "Samples"
@@ -35,10 +33,7 @@ def tiny_models(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     paths = {}
     for task in ("retina", "liver"):
-        arch, args = default_arch_args(task, "student")
-        args = dict(args, width=4)
-        paths[task] = save_model(folder / f"{task}_tiny.kdseg.pt", build_network(arch, **args), arch=arch,
-                                 arch_args=args, task=task, role="student")
+        paths[task] = save_tiny_student(task, folder / f"{task}_tiny.kdseg.pt")
     return paths
 
 

@@ -5,18 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, save_tiny_student
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.models.ensemble import EnsembleNetwork, load_ensemble
-from KDSegmentationLib.models.files import save_model
-from KDSegmentationLib.models.networks import build_network, default_arch_args
 
 
 def _tiny(task: str, path, seed: int):
     torch.manual_seed(seed)
-    arch, args = default_arch_args(task, "student")
-    args = dict(args, width=4)
-    return save_model(path, build_network(arch, **args), arch=arch, arch_args=args, task=task, role="student")
+    return save_tiny_student(task, path)
 
 
 def test_the_ensemble_is_the_mean_probability_over_members_and_flips():

@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LIB_PARENT, REPO
+from conftest import LIB_PARENT, REPO, save_tiny_student
 from KDSegmentationLib.cli.main import main
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.models.files import _digest, load_model, read_header, save_model
-from KDSegmentationLib.models.networks import build_network, default_arch_args
+from KDSegmentationLib.models.files import _digest, load_model, read_header
 
 SAMPLES = REPO / "Resources" / "Samples"
 
@@ -28,15 +27,12 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("models")
     paths = {}
     for task in ("retina", "liver"):
-        arch, args = default_arch_args(task, "student")
-        args = dict(args, width=4)
         pre = {"retina": {"task": "retina", "input_kind": "2d-rgb", "spatial_dims": 2, "fov_diameter_px": 540.0,
                           "decision_threshold": 0.5},
                "liver": {"task": "liver", "input_kind": "3d-ct", "spatial_dims": 3, "spacing_mm": [3.0, 3.0, 3.0],
                          "hu_window": [-200.0, 300.0]}}[task]
-        paths[task] = save_model(folder / f"{task}_tiny.kdseg.pt", build_network(arch, **args), arch=arch,
-                                 arch_args=args, task=task, role="student", preprocessing=pre,
-                                 labels={1: "Retinal vessels"} if task == "retina" else {1: "Liver", 2: "Liver tumor"})
+        paths[task] = save_tiny_student(task, folder / f"{task}_tiny.kdseg.pt", preprocessing=pre, labels={
+            1: "Retinal vessels"} if task == "retina" else {1: "Liver", 2: "Liver tumor"})
     return paths
 
 

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from KDSegmentationLib.errors import CancelledError, InputError
-from KDSegmentationLib.training.config import PROGRESS_CHOICES, add_options, config_from_args
+from KDSegmentationLib.progress import PROGRESS_MODES
+from KDSegmentationLib.training.config import add_options, config_from_args
 
 
 def add_subcommands(subparsers) -> None:
@@ -45,7 +46,7 @@ def add_subcommands(subparsers) -> None:
     p.add_argument("--output", required=True, help="cache folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     p.add_argument("--workers", type=int, default=0, help="parallel reader processes")
-    p.add_argument("--progress", default="auto", choices=list(PROGRESS_CHOICES))
+    p.add_argument("--progress", default="auto", choices=list(PROGRESS_MODES))
     p.set_defaults(func=cmd_prepare)
 
 

@@ -107,16 +107,12 @@ def calibrate(model: str, data_dir: str, thresholds: Sequence[float] = DEFAULT_G
 def store_threshold(model: str, result: Dict) -> Path:
     """Rewrite the model file with ``preprocessing.decision_threshold`` and the calibration table in its card
     (same weights; written atomically, so an interrupted run leaves the old file)."""
-    from KDSegmentationLib.models.files import load_model, save_model
+    from KDSegmentationLib.models.files import read_header, rewrite_header
 
-    path = Path(model)
-    loaded = load_model(path)
-    h = loaded.header
+    h = read_header(model)
     pre = dict(h.get("preprocessing") or {})
     pre["decision_threshold"] = float(result["best_threshold"])
     card = dict(h.get("card") or {})
     card["calibration"] = {k: result[k] for k in ("n_cases", "thresholds", "mean_dice", "best_threshold",
                                                    "best_dice")}
-    return save_model(path, loaded.network, arch=h["arch"], arch_args=h["arch_args"], task=h["task"],
-                      role=h["role"], version=h.get("version", "1"), preprocessing=pre,
-                      labels={int(k): v for k, v in h.get("labels", {}).items()}, card=card)
+    return rewrite_header(Path(model), preprocessing=pre, card=card)

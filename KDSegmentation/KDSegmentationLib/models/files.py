@@ -69,6 +69,19 @@ def save_model(path, network: torch.nn.Module, *, arch: str, arch_args: Dict[str
     return path
 
 
+def rewrite_header(path, preprocessing: Optional[Dict[str, Any]] = None,
+                   card: Optional[Dict[str, Any]] = None) -> Path:
+    """Rewrite a model file with a new ``preprocessing`` and/or ``card`` (each replaces the old one when given); the
+    weights and every other header field are kept. Atomic: an interrupted rewrite leaves the old file."""
+    loaded = load_model(path)
+    h = loaded.header
+    return save_model(path, loaded.network, arch=h["arch"], arch_args=h["arch_args"], task=h["task"], role=h["role"],
+                      version=h.get("version", "1"),
+                      preprocessing=h.get("preprocessing") if preprocessing is None else preprocessing,
+                      labels={int(k): v for k, v in h.get("labels", {}).items()},
+                      card=h.get("card") if card is None else card)
+
+
 @dataclass
 class LoadedModel:
     network: torch.nn.Module

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from KDSegmentationLib.errors import InputError
+from KDSegmentationLib.inference.device import DEVICE_CHOICES
+from KDSegmentationLib.progress import PROGRESS_MODES
 
 ROLES = ("teacher", "student")
-PROGRESS_CHOICES = ("auto", "json", "bar", "none")
 UNSET = object()  # Option.cli_default: none (the field's default holds on the command line too)
 
 
@@ -144,7 +145,7 @@ class TrainConfig:
     warmup: float = 0.03
     grad_clip: float = 5.0
     seed: int = field(default=0, metadata=option("seed of weights, data order and augmentation", type=int))
-    device: str = field(default="auto", metadata=option("where to train", choices=("auto", "cpu", "cuda")))
+    device: str = field(default="auto", metadata=option("where to train", choices=DEVICE_CHOICES))
     workers: Optional[int] = field(default=None, metadata=option(
         "DataLoader worker processes (default: CPUs-1 up to 12 on CUDA, 0 on CPU)", type=int))
     arch: Optional[str] = field(default=None, metadata=option(
@@ -161,7 +162,7 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=option(
         "progress/metric event every N steps", type=int, parse=_at_least_one))
     progress: str = field(default="none", metadata=option(
-        "progress output on stdout", choices=PROGRESS_CHOICES, cli_default="auto"))
+        "progress output on stdout", choices=PROGRESS_MODES, cli_default="auto"))
     cache_dir: Optional[str] = field(default=None, metadata=option(
         "folder for the prepared data cache (default: the user's cache folder)", flag="--cache"))
     cancel_file: Optional[str] = field(default=None, metadata=option(

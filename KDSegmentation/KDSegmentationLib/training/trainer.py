@@ -220,7 +220,7 @@ class Trainer:
         res, main = None, self.dist.main and bool(self.data.val)
         if main:
             res = validate(self.student, self.data.val, self.task, tuple(reversed(self.task.roi_size)),
-                           self.device, self.cfg.amp, self.teacher_preds, self.distiller.teacher,
+                           self.device, self.teacher_preds, self.distiller.teacher,
                            self.stopper.requested)
         if res is not None:
             self._record_validation(res)

@@ -48,12 +48,11 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, values: Sequence[int],
     return {v: dice(pred == v, ref == v) for v in values}
 
 
-def predict_labels(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], device: torch.device,
-                   amp: bool = True) -> np.ndarray:
+def predict_labels(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], device: torch.device) -> np.ndarray:
     """Labels of the deployment inferer (the forward ``kdseg segment`` runs) on model-grid inputs.
 
     x (B, C, *S) -> argmax labels (B, *S) uint8; for slice stacks B is the number of slices, run in chunks of 64.
-    ``amp`` is kept for callers; the inferer's own precision (float16 on CUDA, float32 on CPU) is used.
+    Precision is the inferer's (float16 on CUDA, float32 on CPU).
     """
     from KDSegmentationLib.inference.inferer import Inferer
 
@@ -63,17 +62,17 @@ def predict_labels(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], de
     return torch.cat([inferer.probabilities(c, roi).argmax(1).to(torch.uint8).cpu() for c in chunks]).numpy()
 
 
-def _reference(item: ValItem, roi, device, amp, teacher_preds: Dict[str, np.ndarray],
+def _reference(item: ValItem, roi, device, teacher_preds: Dict[str, np.ndarray],
                teacher: Optional[torch.nn.Module]) -> np.ndarray:
     if not item.vs_teacher:
         return item.ref
     if item.case_id not in teacher_preds:  # the teacher does not change: predicted once per run
-        teacher_preds[item.case_id] = predict_labels(teacher, item.x, roi, device, amp)
+        teacher_preds[item.case_id] = predict_labels(teacher, item.x, roi, device)
     return teacher_preds[item.case_id]
 
 
 def validate(net: torch.nn.Module, items: Sequence[ValItem], task: TaskSpec, roi: Sequence[int],
-             device: torch.device, amp: bool = True, teacher_preds: Optional[Dict[str, np.ndarray]] = None,
+             device: torch.device, teacher_preds: Optional[Dict[str, np.ndarray]] = None,
              teacher: Optional[torch.nn.Module] = None,
              should_stop: Optional[Callable[[], bool]] = None) -> Optional[Dict[str, Any]]:
     """Score ``net`` on ``items``: {'val_dice': mean over cases (each case: mean over its labels),
@@ -88,8 +87,8 @@ def validate(net: torch.nn.Module, items: Sequence[ValItem], task: TaskSpec, roi
         for item in items:
             if should_stop is not None and should_stop():
                 return None
-            pred = predict_labels(net, item.x, roi, device, amp)
-            ref = _reference(item, roi, device, amp, teacher_preds, teacher)
+            pred = predict_labels(net, item.x, roi, device)
+            ref = _reference(item, roi, device, teacher_preds, teacher)
             pred = pred.reshape(ref.shape)
             mask = None if item.mask is None else np.broadcast_to(item.mask, ref.shape)
             d = dice_per_label(pred, ref, values, mask)
