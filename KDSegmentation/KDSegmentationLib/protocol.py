@@ -48,12 +48,13 @@ STAGE_POSTPROCESSING = "postprocessing"
 STAGE_WRITING = "writing"
 STAGE_DONE = "done"
 STAGE_PREPARE = "prepare"
+STAGE_TEACHER_TARGETS = "teacher targets"
 STAGE_TRAIN = "train"
 STAGE_CHECKPOINT = "checkpoint"
 STAGE_EVALUATION = "evaluation"
 SEGMENT_STAGES = (STAGE_READING, STAGE_PREPROCESSING, STAGE_INFERENCE, STAGE_POSTPROCESSING, STAGE_WRITING,
                   STAGE_DONE)
-STAGES = SEGMENT_STAGES + (STAGE_PREPARE, STAGE_TRAIN, STAGE_CHECKPOINT, STAGE_EVALUATION)
+STAGES = SEGMENT_STAGES + (STAGE_PREPARE, STAGE_TEACHER_TARGETS, STAGE_TRAIN, STAGE_CHECKPOINT, STAGE_EVALUATION)
 
 # ``metric`` keys the client plots. Training writes ``step`` and ``loss`` (plus one key per loss term, ``lr``,
 # timings) at each log interval, and ``step`` and ``val_dice`` (plus ``val_dice_<label>``, ``best_val_dice``)

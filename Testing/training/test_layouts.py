@@ -48,3 +48,15 @@ def test_unrecognised_folder_lists_every_layout(tmp_path):
     message = str(err.value)
     assert "prepared cache" in message
     assert all(layout.description in message for layout in LAYOUTS.values())
+
+
+def test_case_folders_without_labels_are_unlabelled_cases(tmp_path):
+    """Another hospital's scans as <case>/ct.nii.gz without label files (a folder clinicians have): found, as
+    unlabelled cases beside labelled ones; folders without an image are skipped."""
+    for name, files in (("a", ("ct.nii.gz", "liver.nii.gz")), ("b", ("ct.nii.gz",)), ("c", ("notes.txt",))):
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_bytes(b"")
+    cases = find_cases(tmp_path, get_task("liver"))
+    assert [(c.case_id, c.labelled, c.layout) for c in cases] == [("a", True, "case_folders"),
+                                                                 ("b", False, "case_folders")]

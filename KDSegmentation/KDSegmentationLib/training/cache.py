@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from KDSegmentationLib import protocol as P
 from KDSegmentationLib.errors import CancelledError, InputError
 from KDSegmentationLib.tasks import TaskSpec
 from KDSegmentationLib.training.layouts import Case, find_cases, layout_of
@@ -166,7 +167,7 @@ def prepare_cache(cases: Sequence[Case], task: TaskSpec, out_dir, progress=None,
 
 def _prep_tick(progress, should_stop, i, n, entry) -> None:
     if progress is not None:
-        progress.progress("prepare", (i + 1) / n, case=entry["case_id"])
+        progress.progress(P.STAGE_PREPARE, (i + 1) / n, case=entry["case_id"])
     if should_stop is not None and should_stop():
         raise CancelledError("cancelled while preparing the data cache")
 

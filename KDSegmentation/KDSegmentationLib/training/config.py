@@ -83,6 +83,8 @@ def _at_least_one(value: int) -> int:
 
 
 STUDENT = ("student",)
+# where the soft labels come from: the teacher on every patch, or computed once per image (training.teacher_targets)
+TEACHER_TARGET_MODES = ("online", "stored")
 
 
 @dataclass
@@ -118,6 +120,10 @@ class TrainConfig:
     soft_labels: bool = field(default=False, metadata=option({
         "teacher": "lung: train on the readers' agreement fraction",
         "student": "lung: use the readers' agreement fraction as target"}))
+    teacher_targets: str = field(default="online", metadata=option(
+        "online: the teacher runs on every augmented patch; stored: its soft labels are computed once per training "
+        "image and cropped/warped with the student's view (output losses only)", choices=TEACHER_TARGET_MODES,
+        roles=STUDENT))
     val_data: Optional[str] = field(default=None, metadata=option(
         "validation dataset (default: a share of --data, split by patient)"))
     val_fraction: Optional[float] = field(default=None, metadata=option(

@@ -78,15 +78,20 @@ class Distiller(nn.Module):
                 return self.teacher(x, return_features=True)
             return self.teacher(x), None
 
-    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, labelled: Labelled = None):
+    def forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None, labelled: Labelled = None,
+                teacher_logits: Optional[torch.Tensor] = None):
         """x (B, in_channels, *S); target as for the losses ((B, *S) labels or (B, C, *S) probabilities) or None;
-        ``labelled`` (B,) flags which samples' targets count (None: all, when a target is given) ->
-        (student_logits, losses_dict, total)."""
+        ``labelled`` (B,) flags which samples' targets count (None: all, when a target is given);
+        ``teacher_logits`` (B, classes, *S): the teacher's stored soft labels of this view (see
+        ``teacher_targets``), used instead of running the teacher -> (student_logits, losses_dict, total)."""
         if self.losses.needs_features:
             s_logits, s_feats = self.student(x, return_features=True)
         else:
             s_logits, s_feats = self.student(x), None
-        t_logits, t_feats = self.teacher_outputs(x)
+        if teacher_logits is not None and self.losses.needs_teacher:
+            t_logits, t_feats = teacher_logits, None
+        else:
+            t_logits, t_feats = self.teacher_outputs(x)
         total, parts = self.loss(s_logits, t_logits, target, s_feats, t_feats, labelled)
         return s_logits, parts, total
 

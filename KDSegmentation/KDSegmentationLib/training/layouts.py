@@ -236,13 +236,12 @@ def _case_folder(d: Path, task: TaskSpec) -> Optional[Case]:
             for ext in (".nii.gz", ".nii", ".nrrd"):
                 if (d / (stem + ext)).is_file():
                     structures[value] = str(d / (stem + ext))
-    if label is None and not structures:
-        return None
+    # a case folder without a label file is an unlabelled case (another hospital's scans for distillation)
     return Case(case_id=d.name, image=str(image), label=label, structures=structures, layout="case_folders")
 
 
 @register_layout("case_folders", "case folders: <case>/ct.nii.gz (or <case>/dicom/) + liver.nii.gz "
-                 "[+ tumor.nii.gz] or label.nii.gz", tasks=("liver", "lung_nodule"))
+                 "[+ tumor.nii.gz] or label.nii.gz (none: unlabelled)", tasks=("liver", "lung_nodule"))
 def detect_case_folders(root: Path, task: TaskSpec) -> Optional[List[Case]]:
     cases = [c for c in (_case_folder(d, task) for d in sorted(root.iterdir()) if d.is_dir()) if c]
     return cases or None

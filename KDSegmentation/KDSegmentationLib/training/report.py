@@ -24,6 +24,7 @@ def _recipe(cfg: TrainConfig, plan: Plan, state: Dict[str, Any], spec: str, devi
             policy) -> Dict[str, Any]:
     return {
         "losses": spec, "alpha": cfg.alpha, "temperature": cfg.temperature, "soft_labels": cfg.soft_labels,
+        "teacher_targets": cfg.teacher_targets if cfg.teacher else None,
         "init": Path(cfg.init).name if cfg.init else None, "unlabelled_fraction": cfg.unlabelled_fraction,
         "steps": state["step"], "planned_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
         "epochs": round(state["step"] / plan.steps_per_epoch, 2), "max_minutes": cfg.max_minutes,

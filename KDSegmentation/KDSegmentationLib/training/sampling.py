@@ -17,6 +17,7 @@ from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.tasks import TaskSpec
 from KDSegmentationLib.training.augment import (AugPolicy, camera_jitter, crop, ct_intensity, default_policy,
                                                 normalise_region, random_affine, slice_intensity)
+from KDSegmentationLib.training.teacher_targets import crop_logits
 
 
 def network_input(arrays: Dict[str, np.ndarray], task: TaskSpec) -> np.ndarray:
@@ -44,6 +45,8 @@ class PatchDataset:
     - ``image`` float16 (C, *region): network input (CT window / fundus normalisation / slice [0, 1]) with intensity
       augmentation, ``region`` = ``patch`` x ``policy.region_factor``;
     - ``label`` uint8 (*region) (zeros when unlabelled), ``soft`` float16 (2, *region) when soft labels are asked for;
+    - ``teacher`` float16 (classes, *region): the stored teacher log-probabilities of the same window, when the cases
+      hold them (``teacher_targets.store_teacher_logits``);
     - ``theta`` float32 (d, d+1) the spatial augmentation for :func:`warp_batch`; ``labelled`` bool.
     """
 
@@ -103,61 +106,74 @@ class PatchDataset:
         return tuple(int(rng.integers(s)) for s in shape)
 
     # -- items --------------------------------------------------------------------------------------------------
+    def _slice_sample(self, i: int, rng: np.random.Generator):
+        """Nodule slices -> (image (2, *region), label or None, soft or None, centre, teacher log-probs (C, h, w))."""
+        from KDSegmentationLib.tasks.lung_nodule import click_map
+
+        c, labelled, fg = self.cases[i], self.labelled[i], self._fg[i]
+        if fg and len(fg[0]) and rng.random() < self.policy.pos_fraction:
+            k = int(fg[0][int(rng.integers(len(fg[0])))])
+        else:
+            k = int(rng.integers(c["image"].shape[0]))
+        hw = c["image"].shape[1:]
+        if tuple(hw) == self.patch:  # nodule-centred crops (LIDC): the whole slice
+            centre = (hw[0] // 2, hw[1] // 2)
+        else:  # larger slices: centred on the nodule when this slice shows it
+            fg_px = np.flatnonzero(c["label"][k]) if labelled else np.zeros(0, np.int64)
+            centre = np.unravel_index(int(fg_px[int(rng.integers(len(fg_px)))]), hw) if len(fg_px) else \
+                tuple(int(rng.integers(s)) for s in hw)
+        img = slice_intensity(crop(c["image"][k], centre, self.region), rng, self.augment)[None]
+        # the click channel: the crop is centred where the user would click (the nodule), and the spatial
+        # augmentation moves it together with the image
+        img = np.concatenate([img, click_map(self.region, (self.region[0] // 2, self.region[1] // 2))[None]])
+        lab = crop(c["label"][k], centre, self.region) if labelled else None
+        soft = None
+        if labelled and self.soft_labels:
+            s = c["soft"][k] if "soft" in c else c["label"][k]
+            fg_s = crop(np.asarray(s, np.float32), centre, self.region)
+            soft = np.stack([1 - fg_s, fg_s])
+        return img, lab, soft, centre, (c["teacher"][k] if "teacher" in c else None)
+
+    def _fundus_sample(self, i: int, rng: np.random.Generator):
+        """Fundus photo -> (image (3, *region), label or None, None, centre, teacher log-probs (C, h, w))."""
+        c = self.cases[i]
+        centre = self._centre(i, c["fov"].shape, rng)
+        if self.augment and rng.random() < self.policy.camera_p:
+            rgb = crop(c["image"], centre, self.region)
+            fov = crop(c["fov"], centre, self.region, False)
+            img = normalise_region(camera_jitter(rgb, fov, rng), fov, self._diameter[i])
+        else:
+            img = crop(self._normalised[i], centre, self.region).transpose(2, 0, 1)
+        lab = crop(c["label"], centre, self.region) if self.labelled[i] else None
+        return img, lab, None, centre, c.get("teacher")
+
+    def _ct_sample(self, i: int, rng: np.random.Generator):
+        """CT -> (image (1, *region), label or None, None, centre, teacher log-probs (C, z, y, x))."""
+        c = self.cases[i]
+        centre = self._centre(i, c["image"].shape, rng)
+        hu = crop(c["image"], centre, self.region, np.int16(-1024))
+        img = ct_intensity(hu, self.task, rng, self.augment)[None]
+        lab = crop(c["label"], centre, self.region) if self.labelled[i] else None
+        return img, lab, None, centre, c.get("teacher")
+
     def __getitem__(self, key):
         import torch
 
         i, seed = key
         rng = np.random.default_rng(seed)
-        c = self.cases[i]
-        labelled = self.labelled[i]
-        soft = None
-        if self.is_slices:
-            n = c["image"].shape[0]
-            fg = self._fg[i]
-            if fg and len(fg[0]) and rng.random() < self.policy.pos_fraction:
-                k = int(fg[0][int(rng.integers(len(fg[0])))])
-            else:
-                k = int(rng.integers(n))
-            hw = c["image"].shape[1:]
-            if tuple(hw) == self.patch:  # nodule-centred crops (LIDC): the whole slice
-                centre = (hw[0] // 2, hw[1] // 2)
-            else:  # larger slices: centred on the nodule when this slice shows it
-                fg_px = np.flatnonzero(c["label"][k]) if labelled else np.zeros(0, np.int64)
-                centre = np.unravel_index(int(fg_px[int(rng.integers(len(fg_px)))]), hw) if len(fg_px) else \
-                    tuple(int(rng.integers(s)) for s in hw)
-            img = slice_intensity(crop(c["image"][k], centre, self.region), rng, self.augment)[None]
-            # the click channel: the crop is centred where the user would click (the nodule), and the spatial
-            # augmentation below moves it together with the image
-            from KDSegmentationLib.tasks.lung_nodule import click_map
-
-            img = np.concatenate([img, click_map(self.region, (self.region[0] // 2, self.region[1] // 2))[None]])
-            lab = crop(c["label"][k], centre, self.region) if labelled else None
-            if labelled and self.soft_labels:
-                s = c["soft"][k] if "soft" in c else c["label"][k]
-                fg_s = crop(np.asarray(s, np.float32), centre, self.region)
-                soft = np.stack([1 - fg_s, fg_s])
-        elif self.task.input_kind == "2d-rgb":
-            centre = self._centre(i, c["fov"].shape, rng)
-            if self.augment and rng.random() < self.policy.camera_p:
-                rgb = crop(c["image"], centre, self.region)
-                fov = crop(c["fov"], centre, self.region, False)
-                img = normalise_region(camera_jitter(rgb, fov, rng), fov, self._diameter[i])
-            else:
-                img = crop(self._normalised[i], centre, self.region).transpose(2, 0, 1)
-            lab = crop(c["label"], centre, self.region) if labelled else None
-        else:
-            centre = self._centre(i, c["image"].shape, rng)
-            hu = crop(c["image"], centre, self.region, np.int16(-1024))
-            img = ct_intensity(hu, self.task, rng, self.augment)[None]
-            lab = crop(c["label"], centre, self.region) if labelled else None
+        sample = self._slice_sample if self.is_slices else \
+            self._fundus_sample if self.task.input_kind == "2d-rgb" else self._ct_sample
+        img, lab, soft, centre, logits = sample(i, rng)
         theta = random_affine(rng, self.policy, self.patch, self.region, self.augment)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(img)).to(torch.float16),
             "label": torch.from_numpy(np.ascontiguousarray(lab if lab is not None
                                                            else np.zeros(self.region, np.uint8))),
             "theta": torch.from_numpy(theta),
-            "labelled": torch.tensor(labelled),
+            "labelled": torch.tensor(self.labelled[i]),
         }
+        if logits is not None:
+            item["teacher"] = torch.from_numpy(crop_logits(logits, centre, self.region))
         if self.soft_labels:
             if soft is None:
                 soft = np.zeros((2,) + self.region, np.float32)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from KDSegmentationLib import protocol as P
 from KDSegmentationLib.errors import CancelledError, InputError
 from KDSegmentationLib.inference.device import pick_device
 from KDSegmentationLib.progress import Progress
@@ -47,24 +49,40 @@ from KDSegmentationLib.training.plan import lr_factor, make_plan
 from KDSegmentationLib.training.report import model_card, write_report
 from KDSegmentationLib.training.sampling import MixedBatchSampler, PatchDataset, make_loader
 from KDSegmentationLib.training.stopping import Distributed, Stopper
+from KDSegmentationLib.training.teacher_targets import check_stored_targets, store_teacher_logits, warp_logits
 from KDSegmentationLib.training.validation import validate
 
 
+@dataclass
+class DeviceBatch:
+    """A batch on the device after its spatial augmentation: x (B, C, *patch); target: labels (B, *patch) or soft
+    labels (B, 2, *patch); labelled flags (B,); the teacher's stored log-probabilities of the same view
+    (B, classes, *patch) or None (the teacher runs online)."""
+
+    x: torch.Tensor
+    target: torch.Tensor
+    labelled: List[bool]
+    teacher_logits: Optional[torch.Tensor]
+
+
 def batch_to_device(batch: Dict[str, torch.Tensor], patch, pad_mode: str, device: torch.device, soft: bool,
-                    channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor, List[bool]]:
-    """Move a collated batch to the device and apply its spatial augmentation there -> (x (B, C, *patch), target:
-    labels (B, *patch) or soft labels (B, 2, *patch), labelled flags (B,))."""
+                    channels_last: bool) -> DeviceBatch:
+    """Move a collated batch to the device and apply its spatial augmentation there (one affine per sample, the
+    same for the image, its labels and the stored teacher targets)."""
     nb = device.type == "cuda"
     image = batch["image"].to(device, non_blocking=nb)
     theta = batch["theta"].to(device, non_blocking=nb)
     label = batch["label"].to(device, non_blocking=nb)
     soft_t = batch["soft"].to(device, non_blocking=nb) if soft else None
+    teacher = None
     with torch.no_grad():
         x, y, s = warp_batch(image, theta, patch, label=None if soft else label, soft=soft_t, pad_mode=pad_mode)
+        if "teacher" in batch:
+            teacher = warp_logits(batch["teacher"].to(device, non_blocking=nb), theta, patch)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     labelled = [bool(v) for v in batch["labelled"].tolist()]
-    return x, (s if soft else y), labelled
+    return DeviceBatch(x, s if soft else y, labelled, teacher)
 
 
 class Trainer:
@@ -97,6 +115,8 @@ class Trainer:
             raise InputError("no training cases")
         self.plan = make_plan(cfg, task, len(self.data.train), len(self.data.unlabelled),
                               self.device.type == "cuda", self.dist.world)
+        if self.stored_targets:
+            self._store_teacher_targets()
         self.dataset = PatchDataset(self.data.train + self.data.unlabelled,
                                     [True] * len(self.data.train) + [False] * len(self.data.unlabelled), task,
                                     self.plan.patch, soft_labels=cfg.soft_labels, augment=cfg.augment)
@@ -117,6 +137,21 @@ class Trainer:
         return self
 
     @property
+    def stored_targets(self) -> bool:
+        """Whether the teacher's soft labels are computed once per image (``--teacher-targets stored``)."""
+        return self.cfg.teacher_targets == "stored" and self.distiller.teacher is not None
+
+    def _store_teacher_targets(self) -> None:
+        cases = self.data.train + self.data.unlabelled
+        check_stored_targets(self.task, self.distiller.losses.needs_features, cases, self.plan.patch)
+        t0 = time.perf_counter()
+        nbytes = store_teacher_logits(
+            cases, self.task, self.distiller.teacher, self.device, self.stopper.requested,
+            lambda i, n: self.progress.progress(P.STAGE_TEACHER_TARGETS, i / n, cases=i))
+        self.progress.log(f"teacher soft labels of {len(cases)} training images stored once "
+                          f"({nbytes / 2 ** 20:.1f} MB float16, {time.perf_counter() - t0:.1f} s)")
+
+    @property
     def student(self) -> torch.nn.Module:
         return self._student
 
@@ -130,6 +165,7 @@ class Trainer:
         return {"task": cfg.task, "role": cfg.role, "arch": self.arch, "arch_args": self.arch_args,
                 "losses": self.spec, "alpha": cfg.alpha, "temperature": cfg.temperature, "seed": cfg.seed,
                 "batch_size": plan.batch_size, "patch": list(plan.patch), "soft_labels": cfg.soft_labels,
+                "teacher_targets": cfg.teacher_targets,
                 "train_cases": self.data.train_ids, "unlabelled_cases": self.data.unlabelled_ids}
 
     def _resume(self) -> None:
@@ -173,11 +209,11 @@ class Trainer:
                                  self.cfg.schedule)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        x, target, labelled = batch_to_device(batch, plan.patch, self.dataset.policy.pad_mode, self.device,
-                                              self.cfg.soft_labels, self.channels_last)
+        b = batch_to_device(batch, plan.patch, self.dataset.policy.pad_mode, self.device, self.cfg.soft_labels,
+                            self.channels_last)
         use_amp = self.cfg.amp and self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            _, parts, total = self.module(x, target, labelled)
+            _, parts, total = self.module(b.x, b.target, b.labelled, b.teacher_logits)
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.grad_clip:

@@ -48,18 +48,24 @@ def dice_per_label(pred: np.ndarray, ref: np.ndarray, values: Sequence[int],
     return {v: dice(pred == v, ref == v) for v in values}
 
 
-def predict_labels(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], device: torch.device) -> np.ndarray:
-    """Labels of the deployment inferer (the forward ``kdseg segment`` runs) on model-grid inputs.
+def predict_probabilities(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int],
+                          device: torch.device) -> torch.Tensor:
+    """Class probabilities of the deployment inferer (the forward ``kdseg segment`` runs) on model-grid inputs.
 
-    x (B, C, *S) -> argmax labels (B, *S) uint8; for slice stacks B is the number of slices, run in chunks of 64.
-    Precision is the inferer's (float16 on CUDA, float32 on CPU).
+    x (B, C, *S) -> float32 (B, classes, *S) on the CPU; for slice stacks B is the number of slices, run in chunks
+    of 64. Precision is the inferer's (float16 on CUDA, float32 on CPU).
     """
     from KDSegmentationLib.inference.inferer import Inferer
 
     inferer = Inferer(net, device)
     roi = tuple(min(r, s) for r, s in zip(roi, x.shape[2:]))
     chunks = torch.split(x, 64 if x.dim() == 4 and x.shape[0] > 1 else 1)
-    return torch.cat([inferer.probabilities(c, roi).argmax(1).to(torch.uint8).cpu() for c in chunks]).numpy()
+    return torch.cat([inferer.probabilities(c, roi).cpu() for c in chunks])
+
+
+def predict_labels(net: torch.nn.Module, x: torch.Tensor, roi: Sequence[int], device: torch.device) -> np.ndarray:
+    """Argmax labels (B, *S) uint8 of :func:`predict_probabilities`."""
+    return predict_probabilities(net, x, roi, device).argmax(1).to(torch.uint8).numpy()
 
 
 def _reference(item: ValItem, roi, device, teacher_preds: Dict[str, np.ndarray],
