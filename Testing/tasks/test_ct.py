@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from KDSegmentationLib.io.geometry import resample_like
+from KDSegmentationLib.tasks import ct
 from KDSegmentationLib.tasks.ct import labels_on_input_grid, prepare_ct_volume
 from KDSegmentationLib.tasks import LIVER
 
 
-def _oblique_ct():
+def _oblique_ct(spacing=(0.8, 0.7, 2.5)):
     a = np.deg2rad(25)
     rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]]) @ np.diag([1, -1, 1])
     img = sitk.GetImageFromArray(np.full((30, 70, 60), -1000, np.int16))
-    img.SetSpacing((0.8, 0.7, 2.5))
+    img.SetSpacing(spacing)
     img.SetOrigin((10.0, -40.0, 100.0))
     img.SetDirection(tuple(rot.ravel()))
     return img
@@ -28,7 +30,16 @@ def _full_resample(prob, prepared):
     return np.argmax(np.stack(maps), axis=0).astype(np.uint8)
 
 
-def test_cropped_argmax_equals_full_resampling_on_an_oblique_flipped_grid():
+@pytest.fixture(params=["cells", "itk slabs"])
+def upsampling(request, monkeypatch):
+    """Both ways back to the input grid: interpolation only in mixed cells (grids sharing their axes, the CT
+    pipeline's), and ITK resampling in slabs (any other grid pair)."""
+    if request.param == "itk slabs":
+        monkeypatch.setattr(ct, "shares_axes", lambda grid, original: False)
+    return request.param
+
+
+def test_cropped_argmax_equals_full_resampling_on_an_oblique_flipped_grid(upsampling):
     prepared = prepare_ct_volume(_oblique_ct(), LIVER)
     shape = prepared.hu.shape
     rng = np.random.default_rng(0)
@@ -92,7 +103,7 @@ def test_segment_volumes_counts_every_label_in_the_box():
     assert segment_volumes(labels * 0, LIVER, (1, 1, 1))["Liver"] == {"voxels": 0, "volume_ml": 0.0}
 
 
-def test_slabs_and_skipped_classes_equal_full_resampling_for_any_slab_size():
+def test_slabs_and_skipped_classes_equal_full_resampling_for_any_slab_size(upsampling):
     prepared = prepare_ct_volume(_oblique_ct(), LIVER)
     shape = prepared.hu.shape
     rng = np.random.default_rng(2)
@@ -105,3 +116,17 @@ def test_slabs_and_skipped_classes_equal_full_resampling_for_any_slab_size():
     for slab, min_voxels in ((1, 1), (2, 1), (5, 1), (2, 1 << 18), (1000, 1)):
         np.testing.assert_array_equal(labels_on_input_grid(prob, prepared, slab_vox=slab, min_slab_voxels=min_voxels),
                                       want)
+
+
+@pytest.mark.parametrize("spacing", [(0.8, 0.7, 5.0), (3.0, 3.0, 3.0), (1.1, 0.5, 0.6)])
+def test_argmax_equals_full_resampling_when_slices_are_coarser_or_as_fine_as_the_model(spacing, upsampling):
+    """Slices thicker than the model's 3 mm (the model grid is then finer along z), the model's own spacing, and
+    thin slices: the same labels as resampling everything."""
+    prepared = prepare_ct_volume(_oblique_ct(spacing), LIVER)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3,) + prepared.hu.shape).astype(np.float32)
+    logits[0] += 1.5
+    prob = np.exp(logits) / np.exp(logits).sum(0, keepdims=True)
+    want = _full_resample(prob, prepared)
+    assert (want == 1).any() and (want == 2).any()
+    np.testing.assert_array_equal(labels_on_input_grid(prob, prepared), want)

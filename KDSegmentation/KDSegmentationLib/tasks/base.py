@@ -73,10 +73,14 @@ def withhold(output: InputGridOutput, task: TaskSpec, withheld) -> Tuple[InputGr
     withheld = set(withheld)
     if not withheld:
         return output, task
+    from KDSegmentationLib.tasks.components import mask_box
+
     labels = output.labels.copy()
+    box = mask_box(labels)
+    inside = labels[box] if box is not None else labels[:0]  # a view: the labels' box is all that can change
     for lab in task.labels:
         if lab.value in withheld:
-            labels[labels == lab.value] = lab.within if lab.within not in (None, *withheld) else 0
+            inside[inside == lab.value] = lab.within if lab.within not in (None, *withheld) else 0
     labelmap = sitk.GetImageFromArray(labels.reshape(sitk.GetArrayViewFromImage(output.labelmap).shape))
     labelmap.CopyInformation(output.labelmap)
     offered = dataclasses.replace(task, labels=tuple(lab for lab in task.labels if lab.value not in withheld))

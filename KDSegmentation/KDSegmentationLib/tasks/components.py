@@ -24,33 +24,42 @@ def mask_box(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
     return tuple(box)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 26-/8-connected component (3D/2D) of a mask; boolean, the shape of ``mask``.
+def largest_component_in_box(mask: np.ndarray) -> Optional[Tuple[Tuple[slice, ...], np.ndarray]]:
+    """The largest 26-/8-connected component (3D/2D) of a mask as (its bounding box, boolean mask of it inside that
+    box); None when the mask is empty.
 
     The components are found and measured in the mask's bounding box only, by ITK (multi-threaded labelling, sizes
-    counted while relabelling by size), with no full-size integer copy: a liver in a 512 x 512 x 170 CT costs
-    ~0.2 s instead of ~0.6 s with scipy and a histogram. Of equally large components, the one met first in C order
-    is kept, as with scipy's numbering.
+    counted while relabelling by size), with no full-size copy. Of equally large components, the one met first in C
+    order is kept, as with scipy's numbering.
     """
     import SimpleITK as sitk
 
     box = mask_box(mask)
     if box is None:
-        return mask.astype(bool, copy=False)
+        return None
     cc = sitk.ConnectedComponent(sitk.GetImageFromArray(np.ascontiguousarray(mask[box], dtype=np.uint8)), True)
     relabel = sitk.RelabelComponentImageFilter()  # label 1 = the largest; 26 (3D) / 8 (2D) neighbours above
     by_size = relabel.Execute(cc)
     sizes = list(relabel.GetSizeOfObjectsInPixels())
-    if len(sizes) <= 1:
-        return mask.astype(bool, copy=False)
     labels = sitk.GetArrayViewFromImage(by_size)
     keep = 1
-    if sizes[1] == sizes[0]:
+    if len(sizes) > 1 and sizes[1] == sizes[0]:
         # a tie: labels 1..t are the largest ones; the first of their voxels in C order names the one to keep
         t = sum(1 for s in sizes if s == sizes[0])
         keep = int(labels.ravel()[np.flatnonzero((labels >= 1) & (labels <= t))[0]])
+    component = labels == keep
+    inner = mask_box(component)  # the component's own box, inside the mask's
+    outer = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(box, inner))
+    return outer, component[inner]
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-/8-connected component (3D/2D) of a mask; boolean, the shape of ``mask`` (see
+    :func:`largest_component_in_box`; a liver in a 512 x 512 x 170 CT costs ~0.2 s)."""
+    found = largest_component_in_box(mask)
     out = np.zeros(mask.shape, bool)
-    out[box] = labels == keep
+    if found is not None:
+        out[found[0]] = found[1]
     return out
 
 

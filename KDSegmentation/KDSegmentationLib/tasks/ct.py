@@ -12,6 +12,7 @@ from typing import Dict, Tuple
 import numpy as np
 
 from KDSegmentationLib.tasks import TaskSpec
+from KDSegmentationLib.tasks.linear_argmax import argmax_on_input_box, shares_axes
 
 
 @dataclass
@@ -53,12 +54,16 @@ def ct_window(hu: np.ndarray, task: TaskSpec) -> np.ndarray:
 def _input_box(prepared: PreparedVolume, lo_zyx, hi_zyx, start=None, stop=None):
     """Model-grid box (z, y, x) first/last indices -> (start, stop) (x, y, z) of the input-grid voxels it covers.
 
-    One input voxel of slack on each side (the corners' continuous indices are rounded outwards), clipped to the
-    input grid and to ``start``/``stop`` when given; None when nothing is left.
+    One input voxel of slack on each side (the corners' continuous indices are rounded outwards), the outer half
+    voxel of the model image's edge voxels included, clipped to the input grid and to ``start``/``stop`` when given; None when nothing is left.
     """
     original = prepared.original
-    corners = [prepared.grid.TransformContinuousIndexToPhysicalPoint((float(x), float(y), float(z)))
-               for z in (lo_zyx[0], hi_zyx[0]) for y in (lo_zyx[1], hi_zyx[1]) for x in (lo_zyx[2], hi_zyx[2])]
+    # a model image's edge voxel is read by interpolation out to half a voxel beyond its centre
+    n_zyx = prepared.grid.GetSize()[::-1]
+    lo_c = [v - 0.5 if v <= 0 else float(v) for v in lo_zyx]
+    hi_c = [v + 0.5 if v >= n - 1 else float(v) for v, n in zip(hi_zyx, n_zyx)]
+    corners = [prepared.grid.TransformContinuousIndexToPhysicalPoint((x, y, z))
+               for z in (lo_c[0], hi_c[0]) for y in (lo_c[1], hi_c[1]) for x in (lo_c[2], hi_c[2])]
     cidx = np.array([original.TransformPhysicalPointToContinuousIndex(p) for p in corners])
     lo = np.maximum(np.floor(cidx.min(0)).astype(int) - 1, 0 if start is None else start)
     hi = np.minimum(np.ceil(cidx.max(0)).astype(int) + 1, np.array(original.GetSize()) - 1 if stop is None else stop)
@@ -122,15 +127,16 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
                          min_slab_voxels: int = 1 << 18) -> np.ndarray:
     """Class probabilities (C, z, y, x) on the model grid -> argmax labels uint8 (Z, Y, X) on the input grid.
 
-    Each class's probability is interpolated (linear) onto the input grid and the argmax is kept as it goes, so the
-    boundaries are sub-voxel accurate although the model grid is coarser. Only input voxels near model-grid voxels
-    whose foreground probability reaches ``min_prob`` are resampled: elsewhere the answer is background. Why 0.3 is
-    safe: where all model-grid neighbours of an input voxel have foreground below 0.3, their background exceeds 0.7,
-    and so does its interpolation, which then beats every foreground class. Linear interpolation reads the two
-    model voxels around a point on each axis, so ``margin_vox`` = 1 model voxel around them is exact. The box is cut
-    into slabs of ``slab_vox`` model slices, each resampled in its own (y, x) box and only for the classes that can
-    win there: an organ is far from a box, and a tumour class is absent from most slices; a slab holds at least
-    ``min_slab_voxels`` input voxels. ``postprocess`` (labels -> labels, uint8) runs on the whole box.
+    Each class's probability is interpolated (linear) onto the input grid and the argmax taken, so the boundaries
+    are sub-voxel accurate although the model grid is coarser. Only input voxels near model-grid voxels whose
+    foreground probability reaches ``min_prob`` are looked at: elsewhere the answer is background. Why 0.3 is safe:
+    where all model-grid neighbours of an input voxel have foreground below 0.3, their background exceeds 0.7, and
+    so does its interpolation, which then beats every foreground class. Linear interpolation reads the two model
+    voxels around a point on each axis, so ``margin_vox`` = 1 model voxel around them is exact. Grids that share
+    their axes (the CT pipeline's) interpolate only where the label can change (:mod:`linear_argmax`); others are
+    resampled by ITK in slabs of ``slab_vox`` model slices (at least ``min_slab_voxels`` input voxels), each in its
+    own (y, x) box and only for the classes that can win there. ``postprocess`` (labels -> labels, uint8) runs on
+    the whole box.
     """
     labels = np.zeros(prepared.original.GetSize()[::-1], np.uint8)
     fg = (1.0 - prob_zyx[0]) >= min_prob
@@ -142,6 +148,19 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
     if box is None:
         return labels
     start, stop = box
+    if shares_axes(prepared.grid, prepared.original):
+        box_labels = argmax_on_input_box(prob_zyx, prepared.grid, prepared.original, start, stop)
+    else:
+        box_labels = _resampled_argmax(prob_zyx, prepared, fg, start, stop, margin_vox, slab_vox, min_slab_voxels)
+    if postprocess is not None:
+        box_labels = postprocess(box_labels)
+    labels[start[2]:stop[2] + 1, start[1]:stop[1] + 1, start[0]:stop[0] + 1] = box_labels
+    return labels
+
+
+def _resampled_argmax(prob_zyx: np.ndarray, prepared: PreparedVolume, fg: np.ndarray, start, stop, margin_vox: int,
+                      slab_vox: int, min_slab_voxels: int) -> np.ndarray:
+    """Labels of the input box ``start..stop`` by ITK resampling, slab by slab (any pair of grids)."""
     box_labels = np.zeros(tuple((stop - start + 1)[::-1]), np.uint8)
     maps = _model_maps(prob_zyx, prepared)
     normalised = bool(np.abs(prob_zyx.sum(axis=0, dtype=np.float64) - 1.0).max() < 1e-4)
@@ -155,13 +174,10 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
         yx = np.argwhere(near)
         sub = _input_box(prepared, (k0, *np.maximum(yx.min(0) - margin_vox, 0)),
                          (k1, *np.minimum(yx.max(0) + margin_vox, np.array(near.shape) - 1)), slab_start, slab_stop)
-        if sub is not None:
-            _argmax_into(box_labels, maps, _possible_classes(prob_zyx, k0, k1, normalised), prepared, sub[0],
-                         sub[1], sub[0] - start)
-    if postprocess is not None:
-        box_labels = postprocess(box_labels)
-    labels[start[2]:stop[2] + 1, start[1]:stop[1] + 1, start[0]:stop[0] + 1] = box_labels
-    return labels
+        classes = _possible_classes(prob_zyx, k0, k1, normalised)
+        if sub is not None and len(classes) > 1:
+            _argmax_into(box_labels, maps, classes, prepared, sub[0], sub[1], sub[0] - start)
+    return box_labels
 
 
 def _model_maps(prob_zyx: np.ndarray, prepared: PreparedVolume) -> list:

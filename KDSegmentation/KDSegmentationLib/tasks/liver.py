@@ -6,7 +6,7 @@ from typing import Dict
 import numpy as np
 
 from KDSegmentationLib.tasks.base import InputGridOutput, NetworkInput, TaskPipeline
-from KDSegmentationLib.tasks.components import largest_component
+from KDSegmentationLib.tasks.components import largest_component_in_box
 from KDSegmentationLib.tasks.ct import ct_window, labels_on_input_grid, prepare_ct_volume, segment_volumes
 
 
@@ -15,10 +15,14 @@ def liver_postprocess(labels: np.ndarray) -> np.ndarray:
 
     Why: false positives in spleen/heart are disconnected from the liver, and a tumour is by definition in the liver.
     """
-    organ = largest_component(labels > 0)
-    # labels are 0/1/2 and the organ lies where they are > 0: keeping the labels inside it is exactly "1 in the
-    # organ, 2 where it is tumour", in one uint8 pass
-    return labels * organ
+    found = largest_component_in_box(labels > 0)
+    out = np.zeros_like(labels)
+    if found is not None:
+        box, organ = found
+        # labels are 0/1/2 and the organ lies where they are > 0: keeping the labels inside it is exactly "1 in the
+        # organ, 2 where it is tumour", in one uint8 pass over the organ's box
+        out[box] = labels[box] * organ
+    return out
 
 
 class LiverPipeline(TaskPipeline):
