@@ -84,5 +84,5 @@ def segment_image(image, task: TaskSpec, loaded, device, seed_ras=None,
     timings["postprocess"] = time.perf_counter() - t0
     withheld = {lab.name: loaded.withheld_labels[lab.value] for lab in task.labels
                 if lab.value in loaded.withheld_labels}
-    return SegmentationResult(labelmap=output.labelmap, probability=output.probability, stats=stats,
+    return SegmentationResult(labelmap=output.label_image(), probability=output.probability, stats=stats,
                               warnings=output.warnings, timings=timings, task=offered, withheld=withheld)

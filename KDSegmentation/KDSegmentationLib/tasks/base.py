@@ -33,12 +33,25 @@ class NetworkInput:
 @dataclass
 class InputGridOutput:
     """The result on the input grid: labels (uint8, the input's array shape, values = task label values), the
-    labelmap image with the input's geometry, and the foreground probability where the task has one (for AP/AUC)."""
+    labelmap image with the input's geometry — given, or built from the labels and ``geometry`` (an image on the
+    same grid) by :meth:`label_image` when asked for, so that no full-size copy is made before it is needed — and
+    the foreground probability where the task has one (for AP/AUC)."""
 
     labels: np.ndarray
-    labelmap: Any
+    labelmap: Any = None
     probability: Optional[np.ndarray] = None
     warnings: List[str] = field(default_factory=list)
+    geometry: Any = None
+
+    def label_image(self):
+        """The labelmap (SimpleITK UInt8 on the input grid): the given one, else built from the labels now."""
+        if self.labelmap is not None:
+            return self.labelmap
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(self.labels.reshape(tuple(reversed(self.geometry.GetSize()))))
+        image.CopyInformation(self.geometry)
+        return image
 
 
 class TaskPipeline:
@@ -64,27 +77,24 @@ class TaskPipeline:
 
 def withhold(output: InputGridOutput, task: TaskSpec, withheld) -> Tuple[InputGridOutput, TaskSpec]:
     """The result without the labels a model does not offer (``withheld``: label values): their voxels go to the
-    structure that contains them (a tumour to its organ, so the organ stays whole) or to the background. Returns the
-    output and the task as offered (only the remaining labels: the segments written and measured)."""
+    structure that contains them (a tumour to its organ, so the organ stays whole) or to the background, in place.
+    Returns the output and the task as offered (only the remaining labels: the segments written and measured)."""
     import dataclasses
 
-    import SimpleITK as sitk
+    from KDSegmentationLib.tasks.components import mask_box
 
     withheld = set(withheld)
     if not withheld:
         return output, task
-    from KDSegmentationLib.tasks.components import mask_box
-
-    labels = output.labels.copy()
+    labels = output.labels  # changed in place: the pipeline's fresh result, and a copy would cost a full grid
     box = mask_box(labels)
     inside = labels[box] if box is not None else labels[:0]  # a view: the labels' box is all that can change
     for lab in task.labels:
         if lab.value in withheld:
             inside[inside == lab.value] = lab.within if lab.within not in (None, *withheld) else 0
-    labelmap = sitk.GetImageFromArray(labels.reshape(sitk.GetArrayViewFromImage(output.labelmap).shape))
-    labelmap.CopyInformation(output.labelmap)
     offered = dataclasses.replace(task, labels=tuple(lab for lab in task.labels if lab.value not in withheld))
-    return dataclasses.replace(output, labels=labels, labelmap=labelmap), offered
+    geometry = output.geometry if output.labelmap is None else output.labelmap
+    return dataclasses.replace(output, labels=labels, labelmap=None, geometry=geometry), offered
 
 
 def pipeline_for(task: TaskSpec) -> TaskPipeline:

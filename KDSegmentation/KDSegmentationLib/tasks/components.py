@@ -28,9 +28,9 @@ def largest_component_in_box(mask: np.ndarray) -> Optional[Tuple[Tuple[slice, ..
     """The largest 26-/8-connected component (3D/2D) of a mask as (its bounding box, boolean mask of it inside that
     box); None when the mask is empty.
 
-    The components are found and measured in the mask's bounding box only, by ITK (multi-threaded labelling, sizes
-    counted while relabelling by size), with no full-size copy. Of equally large components, the one met first in C
-    order is kept, as with scipy's numbering.
+    The components are found in the mask's bounding box only, by ITK (multi-threaded labelling), and counted on a
+    view of its label image, with no full-size copy. Of equally large components, the one met first in C order is
+    kept, as with scipy's numbering.
     """
     import SimpleITK as sitk
 
@@ -38,15 +38,14 @@ def largest_component_in_box(mask: np.ndarray) -> Optional[Tuple[Tuple[slice, ..
     if box is None:
         return None
     cc = sitk.ConnectedComponent(sitk.GetImageFromArray(np.ascontiguousarray(mask[box], dtype=np.uint8)), True)
-    relabel = sitk.RelabelComponentImageFilter()  # label 1 = the largest; 26 (3D) / 8 (2D) neighbours above
-    by_size = relabel.Execute(cc)
-    sizes = list(relabel.GetSizeOfObjectsInPixels())
-    labels = sitk.GetArrayViewFromImage(by_size)
-    keep = 1
-    if len(sizes) > 1 and sizes[1] == sizes[0]:
-        # a tie: labels 1..t are the largest ones; the first of their voxels in C order names the one to keep
-        t = sum(1 for s in sizes if s == sizes[0])
-        keep = int(labels.ravel()[np.flatnonzero((labels >= 1) & (labels <= t))[0]])
+    labels = sitk.GetArrayViewFromImage(cc)  # 26 (3D) / 8 (2D) neighbours; numbered in scan (C) order
+    sizes = np.zeros(1, np.int64)
+    for first in range(0, labels.shape[0], 8):  # in slabs: bincount widens uint32 to int64, 8 bytes a voxel
+        counts = np.bincount(labels[first:first + 8].ravel())
+        sizes = np.pad(sizes, (0, max(0, counts.size - sizes.size)))
+        sizes[:counts.size] += counts
+    sizes[0] = 0
+    keep = int(np.argmax(sizes))  # of equally large ones the lowest number: the first met in C order
     component = labels == keep
     inner = mask_box(component)  # the component's own box, inside the mask's
     outer = tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(box, inner))

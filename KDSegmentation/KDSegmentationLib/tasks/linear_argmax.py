@@ -69,6 +69,18 @@ def _interpolate(prob_zyx: np.ndarray, axes: List[tuple], where: Sequence[np.nda
     return out.astype(np.float32)
 
 
+def _chunks(cells_zyx: np.ndarray, axes: List[tuple], max_voxels: int = 1 << 18):
+    """``cells_zyx`` (K, 3) in groups owning at most about ``max_voxels`` input voxels each: the per-voxel index and
+    weight arrays of a group stay a few MB (a liver's shell in a 300-slice CT has over a million voxels)."""
+    if not len(cells_zyx):
+        return
+    per_axis = [np.bincount(ax[0], minlength=int(ax[0].max()) + 1) for ax in axes]
+    owned = per_axis[0][cells_zyx[:, 0]] * per_axis[1][cells_zyx[:, 1]] * per_axis[2][cells_zyx[:, 2]]
+    group = np.cumsum(owned) // max_voxels
+    edges = np.flatnonzero(np.diff(group)) + 1
+    yield from np.split(cells_zyx, edges)
+
+
 def _voxels_of_cells(cells_zyx: np.ndarray, axes: List[tuple]) -> Tuple[np.ndarray, ...]:
     """Box voxel indices (z, y, x arrays) of every input voxel whose lower cell corner is one of ``cells_zyx``
     (K, 3). An axis' model index below a point rises with the input index, so each cell owns a run of input
@@ -104,8 +116,8 @@ def argmax_on_input_box(prob_zyx: np.ndarray, grid, original, start, stop) -> np
     lo = [int(ax[0][0]) for ax in axes]
     hi = [int(ax[0][-1]) + 1 for ax in axes]
     mixed_cells = np.argwhere(cells[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == MIXED) + np.asarray(lo)
-    if len(mixed_cells):
-        where = _voxels_of_cells(mixed_cells, axes)
+    for chunk in _chunks(mixed_cells, axes):
+        where = _voxels_of_cells(chunk, axes)
         labels[where] = np.argmax(_interpolate(prob_zyx, axes, where), axis=0).astype(np.uint8)
     for a, ax in enumerate(axes):
         if not ax[3].all():

@@ -32,12 +32,8 @@ class LiverPipeline(TaskPipeline):
         return NetworkInput(tensor=tensor, context=prepared, roi_zyx=tuple(reversed(self.spec.roi_size)))
 
     def to_input_grid(self, probabilities, prepared: NetworkInput, image, threshold: float = 0.5) -> InputGridOutput:
-        import SimpleITK as sitk
-
         labels = labels_on_input_grid(probabilities[0], prepared.context, postprocess=liver_postprocess)
-        labelmap = sitk.GetImageFromArray(labels)
-        labelmap.CopyInformation(image)
-        return InputGridOutput(labels=labels, labelmap=labelmap)
+        return InputGridOutput(labels=labels, geometry=image)
 
     def measure(self, output: InputGridOutput, prepared: NetworkInput, image) -> Dict[str, dict]:
         return segment_volumes(output.labels, self.spec, image.GetSpacing())
