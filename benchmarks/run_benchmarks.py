@@ -35,12 +35,15 @@ ROLES = ("student", "teacher")
 GB = 1e9
 MB = 1e6
 
-# targets of the speed issue (2 CPU threads, student, end to end)
+# targets of the speed issue (2 CPU threads, student, end to end); the liver ones on the 300-slice CT
 TARGET_RETINA_S = 0.15
-TARGET_LIVER_S = 5.0
-TARGET_LIVER_RSS_B = 1.5 * GB
+TARGET_LIVER_WARM_S = 2.0
+TARGET_LIVER_FRESH_S = 4.0
+TARGET_LIVER_RSS_B = 1.0 * GB
+TARGET_FLOOR_FACTOR = 2.0       # warm worker within this factor of reading the CT + writing a labelmap
 TARGET_LUNG_S = 0.3
-TARGET_RATIO = 10.0
+TARGET_RATIO = 4.0              # student vs teacher, end to end (warm worker)
+TARGET_NETWORK_RATIO = 10.0     # student vs teacher, the network alone
 TARGET_STARTUP_S = 2.0
 TARGET_GPU_LIVER_S = 0.5
 
@@ -214,7 +217,8 @@ def _image_info(path: Path) -> dict:
 
 
 def resample_slices(src: Path, dst: Path, n_slices: int) -> None:
-    """The same CT on n_slices axial slices over the same extent (linear), int16 NIfTI."""
+    """The same CT on n_slices axial slices over the same extent (linear), int16; an ``.nrrd`` ``dst`` is written
+    uncompressed, as the Slicer panel hands a volume to the engine."""
     import SimpleITK as sitk
 
     img = sitk.ReadImage(str(src))
@@ -227,7 +231,7 @@ def resample_slices(src: Path, dst: Path, n_slices: int) -> None:
     origin = [o + shift * direction[3 * i + 2] for i, o in enumerate(img.GetOrigin())]
     out = sitk.Resample(img, size[:2] + [n_slices], sitk.Transform(), sitk.sitkLinear, origin, new_spacing,
                         direction, -1024.0, sitk.sitkInt16)
-    sitk.WriteImage(out, str(dst), True)
+    sitk.WriteImage(out, str(dst), not str(dst).endswith(".nrrd"))
 
 
 def crop_ct(src: Path, dst: Path, size_xyz) -> None:
@@ -264,11 +268,12 @@ def prepare_inputs(data: Path, tmp: Path, tasks: List[str], smoke: bool, liver_s
             items.append({"name": f"{name} ({'x'.join(map(str, info['size']))})", "path": str(src),
                           "source": str(case.relative_to(data)) + (" (central crop)" if smoke else ""), **info})
             n = 2 * info["size"][2] if smoke else liver_slices
-            dst = tmp / f"{case.parent.name}_{n}slices.nii.gz"
+            dst = tmp / f"{case.parent.name}_{n}slices.nrrd"
             resample_slices(src, dst, n)
             info2 = _image_info(dst)
-            items.append({"name": f"{name} resampled ({'x'.join(map(str, info2['size']))})", "path": str(dst),
-                          "source": f"{items[0]['source']} resampled to {n} slices over the same extent", **info2})
+            items.append({"name": f"{name} resampled ({'x'.join(map(str, info2['size']))}, raw NRRD)",
+                          "path": str(dst), "source": f"{items[0]['source']} resampled to {n} slices over the same "
+                          "extent, written as uncompressed NRRD (what the panel sends)", **info2})
         inputs["liver"] = items
     if "lung_nodule" in tasks:
         root = data / "lung" / "LIDC-IDRI_c2c_slabs"
@@ -582,6 +587,24 @@ def model_only(net, shape, device: str, repeats: int, budget_s: float, amp: bool
     return out
 
 
+def bench_floor(inputs, tasks, repeats: int, tmp: Path) -> dict:
+    """The floor of a liver run: SimpleITK reads the CT and writes a compressed UInt8 labelmap of its grid (the CT
+    thresholded at 100 HU: a labelmap of the same size and a similar amount of structure). Seconds per input."""
+    import SimpleITK as sitk
+
+    out: Dict[str, dict] = {}
+    for inp in inputs.get("liver", []) if "liver" in tasks else []:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            img = sitk.ReadImage(inp["path"])
+            sitk.WriteImage(sitk.Cast(img > 100, sitk.sitkUInt8), str(tmp / "out" / "floor.nii.gz"), True)
+            times.append(time.perf_counter() - t0)
+        out[inp["name"]] = {"wall_s": stats(times)}
+        log(f"floor: {inp['name']}: {_fmt_stats(out[inp['name']]['wall_s'])}")
+    return out
+
+
 def bench_in_process(models, inputs, tasks, repeats: int, teacher_cap: Dict[str, int], model_repeats: int,
                      budget_s: float, device: str, tmp: Path) -> dict:
     """Warm-worker runs, then model-only latency, parameters and FLOPs, for every task and role."""
@@ -696,9 +719,10 @@ def compute_ratios(e2e, warm, mo, inputs, tasks) -> dict:
     return out
 
 
-def evaluate_targets(e2e, warm, startup, ratios, inputs, gpu, tasks) -> List[dict]:
+def evaluate_targets(e2e, warm, startup, ratios, inputs, gpu, tasks, floor=None) -> List[dict]:
     """Targets of the speed issue, judged on the warm worker (how the panel runs); fresh-process shown beside."""
     rows = []
+    floor = floor or {}
 
     def row(target, measured, fresh, ok, note=""):
         rows.append({"target": target, "measured": measured, "fresh_process": fresh,
@@ -719,16 +743,25 @@ def evaluate_targets(e2e, warm, startup, ratios, inputs, gpu, tasks) -> List[dic
             "" if w is None or w <= TARGET_RETINA_S else f"gap {w - TARGET_RETINA_S:.3f} s ({w / TARGET_RETINA_S:.1f}x)"
             + "; slowest of the DRIVE images")
     if "liver" in tasks and inputs.get("liver"):
-        name = inputs["liver"][0]["name"]
+        name = inputs["liver"][-1]["name"]  # the 300-slice CT, as the panel sends it
         w = _warm_median(warm, "liver", "student", name)
         f = _median(e2e.get("liver", {}).get(name, {}).get("student", {}).get("wall_s"))
-        row(f"liver student <= {TARGET_LIVER_S} s ({name})", w, f, None if w is None else w <= TARGET_LIVER_S,
-            "" if w is None or w <= TARGET_LIVER_S else f"gap {w - TARGET_LIVER_S:.2f} s")
+        row(f"liver student warm <= {TARGET_LIVER_WARM_S} s ({name})", w, f,
+            None if w is None else w <= TARGET_LIVER_WARM_S,
+            "" if w is None or w <= TARGET_LIVER_WARM_S else f"gap {w - TARGET_LIVER_WARM_S:.2f} s")
+        row(f"liver student fresh process <= {TARGET_LIVER_FRESH_S} s ({name})", f, f,
+            None if f is None else f <= TARGET_LIVER_FRESH_S,
+            "" if f is None or f <= TARGET_LIVER_FRESH_S else f"gap {f - TARGET_LIVER_FRESH_S:.2f} s")
         rss = _median(e2e.get("liver", {}).get(name, {}).get("student", {}).get("peak_rss_b"))
         row(f"liver student peak memory <= {TARGET_LIVER_RSS_B / GB:.1f} GB ({name})",
             None if rss is None else rss / GB, None, None if rss is None else rss <= TARGET_LIVER_RSS_B,
             "peak RSS of the fresh `kdseg segment` process, in GB"
             + ("" if rss is None or rss <= TARGET_LIVER_RSS_B else f"; gap {(rss - TARGET_LIVER_RSS_B) / GB:.2f} GB"))
+        fl = _median(floor.get(name, {}).get("wall_s"))
+        ratio = None if (w is None or not fl) else w / fl
+        row(f"liver student warm within {TARGET_FLOOR_FACTOR:.0f}x of the floor ({name})", ratio, None,
+            None if ratio is None else ratio <= TARGET_FLOOR_FACTOR,
+            f"warm run / (SimpleITK read + compressed labelmap write: {_s(fl)} s)")
     if "lung_nodule" in tasks:
         w, f = per_input_max("lung_nodule"), fresh_max("lung_nodule")
         row(f"lung nodule student <= {TARGET_LUNG_S} s per seed", w, f, None if w is None else w <= TARGET_LUNG_S,
@@ -736,9 +769,14 @@ def evaluate_targets(e2e, warm, startup, ratios, inputs, gpu, tasks) -> List[dic
     for task in tasks:
         r = ratios.get(task, {})
         w, f = r.get("end_to_end_warm_worker"), r.get("end_to_end_fresh_process")
-        row(f"{task}: student >= {TARGET_RATIO:.0f}x faster than teacher", w, f,
+        row(f"{task}: student >= {TARGET_RATIO:.0f}x faster than teacher end to end", w, f,
             None if w is None else w >= TARGET_RATIO,
             "ratio teacher/student (x)" + ("" if w is None or w >= TARGET_RATIO else f"; gap: {w:.1f}x measured"))
+        n = r.get("model_only")
+        row(f"{task}: student network >= {TARGET_NETWORK_RATIO:.0f}x faster than teacher", n, None,
+            None if n is None else n >= TARGET_NETWORK_RATIO,
+            "model-only forward ratio (x)" + ("" if n is None or n >= TARGET_NETWORK_RATIO
+                                                else f"; gap: {n:.1f}x measured"))
     st = [(t, _median(startup.get("worker", {}).get(t, {}).get("student", {}).get("wall_s"))) for t in tasks]
     st = [(t, v) for t, v in st if v is not None]
     if st:
@@ -1005,19 +1043,17 @@ def main(argv=None) -> int:
             gpu.update(g)
         else:
             gpu["note"] = "no GPU in this environment"
+        log("floor (read + labelmap write)")
+        floor = bench_floor(inputs, tasks, repeats, tmp)
         ratios = compute_ratios(e2e, inproc["warm"], inproc["model_only"], inputs, tasks)
-        targets = evaluate_targets(e2e, inproc["warm"], startup, ratios, inputs, gpu, tasks)
-        if "liver" in tasks and inputs.get("liver") and not args.smoke:
-            size = inputs["liver"][0].get("size", [0, 0, 0])
-            if size[2] != 200:
-                notes.append(f"the liver target is stated for 512x512x200; the case measured has {size[2]} slices")
+        targets = evaluate_targets(e2e, inproc["warm"], startup, ratios, inputs, gpu, tasks, floor)
         if "liver" in tasks and len(inputs.get("liver", [])) > 1:
             notes.append("the resampled liver CT covers the same extent with more, thinner slices: the model grid "
                          "(3 mm) is unchanged, so it shows how reading, resampling back, post-processing and writing "
                          "scale with the voxel count")
         result = {"schema": "kdseg-benchmarks/1", "machine": machine, "config": config, "inputs": inputs,
                   "startup": startup, "end_to_end": e2e, "warm": inproc["warm"], "model_only": inproc["model_only"],
-                  "ratios": ratios, "targets": targets, "gpu": gpu, "notes": notes,
+                  "floor": floor, "ratios": ratios, "targets": targets, "gpu": gpu, "notes": notes,
                   "load_average_at_end": list(os.getloadavg()), "duration_s": time.perf_counter() - t_start}
         for task_inputs in result["inputs"].values():  # temporary paths mean nothing later
             for inp in task_inputs:
