@@ -85,7 +85,7 @@ def test_engine_modules_and_functions_stay_small():
     """At most ~400 lines a module and ~60 lines a function, so that each has one job a reader can hold."""
     too_long = []
     for path in sorted(ENGINE.rglob("*.py")):
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         if len(text.splitlines()) > 420:
             too_long.append(f"{path.relative_to(ENGINE)}: {len(text.splitlines())} lines")
         for fn in _functions(ast.parse(text)):

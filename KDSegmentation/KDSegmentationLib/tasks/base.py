@@ -33,8 +33,8 @@ class NetworkInput:
 @dataclass
 class InputGridOutput:
     """The result on the input grid: labels (uint8, the input's array shape, values = task label values), the
-    labelmap image with the input's geometry — given, or built from the labels and ``geometry`` (an image on the
-    same grid) by :meth:`label_image` when asked for, so that no full-size copy is made before it is needed — and
+    labelmap image with the input's geometry, given or built from the labels and ``geometry`` (an image on the
+    same grid) by :meth:`label_image` when asked for (no full-size copy is made before it is needed), and
     the foreground probability where the task has one (for AP/AUC)."""
 
     labels: np.ndarray

@@ -5,7 +5,7 @@ makes it), a model index is an input index times the spacing ratio on each axis.
 voxel is a convex combination of the 2 x 2 x 2 model voxels around it (its *cell*), and a convex combination of
 probability vectors that all have the same argmax has that argmax too (each inequality p_c >= p_k, strict for
 k < c, is kept by positive weights). So a voxel whose cell is *uniform* takes the cell's label without any
-interpolation; only voxels in mixed cells — a thin shell along each boundary, a few percent of an organ's box — are
+interpolation; only voxels in mixed cells (a thin shell along each boundary, a few percent of an organ's box) are
 interpolated, exactly as ITK's ``ResampleImageFilter`` with a linear interpolator does (float64, rounded to
 float32, compared with the first class winning ties; continuous indices in [-0.5, n - 0.5) are inside, the outer
 half voxel takes the edge value, outside is background).
