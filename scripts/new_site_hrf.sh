@@ -10,7 +10,8 @@
 #   2. every teacher candidate (shipped teacher, teacher_dc, ensembles with flips) and the shipped student evaluated on
 #      the HRF test half, DRIVE test and CHASE_DB1 test (children 11-14);
 #   3. the shipped student distilled locally (half of each batch from the unlabelled HRF half, half from labelled DRIVE,
-#      kd=1, 12 CPU minutes) from the shipped teacher and from teacher_dc, and evaluated the same way.
+#      kd=1, 12 CPU minutes) from the shipped teacher and from teacher_dc, and from teacher_dc for 25 minutes and with
+#      its soft labels stored once per photograph (--teacher-targets stored, 12 and 25 minutes); evaluated the same way.
 # Results: OUT/*.json (kdseg evaluate) and OUT/summary.txt.
 set -euo pipefail
 SHARED=${1:?shared data folder (holding retina/)}; OUT=${2:?output folder}
@@ -62,16 +63,20 @@ evaluate teacher+flips "$M/retina_teacher.kdseg.pt,$M/retina_teacher.kdseg.pt"  
 evaluate teacher_dc "$T"
 evaluate teacher_dc+teacher "$T,$M/retina_teacher.kdseg.pt"
 
-distil() {  # TAG TEACHER
-  local S=$OUT/retina_student_local_hrf_$1.kdseg.pt
+distil() {  # TAG TEACHER MINUTES [MORE DISTILL OPTIONS...]
+  local S=$OUT/retina_student_local_hrf_$1.kdseg.pt teacher=$2 minutes=$3; shift 3
   [ -f "$S" ] || kdseg distill --task retina --data "$R/DRIVE" --patch 128,128 --batch-size 8 --val-fraction 0.15 \
     --val-every 150 --losses kd=1 --alpha 0.5 --temperature 2 --seed 0 --unlabelled "$UNL" --unlabelled-fraction 0.5 \
-    --init "$M/retina_student.kdseg.pt" --teacher "$2" --max-minutes 12 --lr 5e-4 --output "$S" --device cpu \
-    --progress json > "$S.log"
+    --init "$M/retina_student.kdseg.pt" --teacher "$teacher" --max-minutes "$minutes" --lr 5e-4 --output "$S" \
+    --device cpu --progress json "$@" > "$S.log"
   evaluate "local_$1" "$S"
 }
-distil t0 "$M/retina_teacher.kdseg.pt"
-distil tdc "$T"
+distil t0 "$M/retina_teacher.kdseg.pt" 12
+distil tdc "$T" 12
+# the teacher on every patch (online) against its soft labels computed once per photograph (stored), same budgets
+distil tdc25 "$T" 25
+distil tdc_stored "$T" 12 --teacher-targets stored
+distil tdc_stored25 "$T" 25 --teacher-targets stored
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, pathlib, sys
@@ -81,4 +86,8 @@ for f in sorted(out.glob("*_*.json")):
     r = json.loads(f.read_text()); m = r["mean"]["Retinal vessels"]
     tag, _, where = f.stem.rpartition("_")
     print(f"{tag:28s} {where:6s} {r['n_cases']:3d} " + " ".join(f"{m[k]['mean']:7.4f}" for k in ("dice", "precision", "recall", "auc")))
+for f in sorted(out.glob("retina_student_local_hrf_*.kdseg.pt.report.json")):
+    card = json.loads(f.read_text())["card"]
+    print(f"{f.name.split('.')[0]:40s} steps {card['recipe']['steps']:5d}, {card['step_time_s']:.3f} s/step, "
+          f"teacher targets {card['recipe'].get('teacher_targets')}, {card['training_time_s'] / 60:.1f} min")
 PY
