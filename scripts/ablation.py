@@ -68,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, help="validation share (best-checkpoint selection)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--soft-labels", action="store_true")
+    p.add_argument("--teacher-targets", default="online", choices=["online", "stored"],
+                   help="the teacher on every patch, or its soft labels computed once per training image")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int)
     p.add_argument("--cache", help="folder for prepared data caches")
@@ -156,6 +158,7 @@ def run(args) -> Dict:
                                   steps=args.steps, epochs=args.epochs, max_minutes=args.max_minutes,
                                   batch_size=args.batch_size, patch=patch, lr=args.lr, val_fraction=args.val_fraction,
                                   split_seed=args.split_seed, soft_labels=args.soft_labels, device=args.device,
+                                  teacher_targets=args.teacher_targets,
                                   workers=args.workers, cache_dir=args.cache, progress=args.progress,
                                   resume=Path(str(model) + ".ckpt").is_dir(),
                                   command_line="scripts/ablation.py " + " ".join(sys.argv[1:]))
@@ -171,7 +174,8 @@ def run(args) -> Dict:
               or "test split of --data", "test_cases": test_case_ids(selection, task), "seeds": seeds,
               "budget": {"steps": args.steps, "epochs": args.epochs, "max_minutes": args.max_minutes,
                          "batch_size": args.batch_size, "patch": patch},
-              "alpha": args.alpha, "temperature": args.temperature, "runs": runs, "table": table}
+              "alpha": args.alpha, "temperature": args.temperature, "teacher_targets": args.teacher_targets,
+              "runs": runs, "table": table}
     write_bytes(out / "ablation.json", json.dumps(result, indent=1).encode("utf-8"))
     write_bytes(out / "ablation.md", markdown(result, task).encode("utf-8"))
     return result

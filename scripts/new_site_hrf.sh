@@ -77,6 +77,10 @@ distil tdc "$T" 12
 distil tdc25 "$T" 25
 distil tdc_stored "$T" 12 --teacher-targets stored
 distil tdc_stored25 "$T" 25 --teacher-targets stored
+for seed in 1 2; do  # two more seeds of the 12-minute runs from teacher_dc
+  distil "tdc_s$seed" "$T" 12 --seed "$seed"
+  distil "tdc_stored_s$seed" "$T" 12 --teacher-targets stored --seed "$seed"
+done
 
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, pathlib, sys
