@@ -119,8 +119,9 @@ teacher.
 <li>Choose the input volume and the task; for a lung nodule, place a seed point inside the nodule.</li>
 <li>Click <b>Apply</b> (it turns into <b>Cancel</b> while running). Segment sizes are shown when it is done.</li>
 </ol>
-<b>Local distillation</b> adapts the student to your own images: the teacher labels them and a new student learns
-from it; the new model appears in the model list. <b>Models</b> shows each model's card (data, metrics, speed).
+<b>Local distillation</b> adapts the student to your own images: the teacher labels them once and a copy of the
+student learns from it (scored before and after on any reference segmentations you give); the new model appears in
+the model list. <b>Models</b> shows each model's card (data, metrics, speed).
 """
         self.parent.acknowledgementText = """
 The networks are built with <a href="https://monai.io">MONAI</a> and PyTorch; each model's card (Models section)
@@ -728,10 +729,14 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
     # -- local distillation -------------------------------------------------------------------------------
     def distill(self, task, teacherPath=None, dataFolder=None, unlabelledFolder=None, volumeNodes=None,
                 referenceSegmentations=None, alpha=0.5, temperature=2.0, epochs=0, maxMinutes=10.0,
-                outputPath=None, progressCallback=None, logCallback=None, finishedCallback=None, wait=False):
+                outputPath=None, progressCallback=None, logCallback=None, finishedCallback=None, wait=False,
+                initPath="student", teacherTargets="stored"):
         """Distil a new student from ``teacherPath`` (default: the shipped teacher) on scene volumes or a folder.
 
-        The new model goes to a new versioned file in the user's model folder (never over an existing one).
+        The new student starts from ``initPath`` ("student": the shipped one; None: a new network) and is scored on
+        the labelled cases before and after; the teacher's soft labels are computed once per image
+        (``teacherTargets`` "stored", several times faster per step than "online"). The new model goes to a new
+        versioned file in the user's model folder (never over an existing one).
         """
         if self.isDistilling():
             raise RuntimeError("A distillation is already running; cancel it first.")
@@ -743,6 +748,9 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             if not teacher.is_file():
                 raise ValueError(f"Teacher model {teacher} not found; choose a teacher model file (*.kdseg.pt).")
         teacher = ",".join(str(t) for t in teachers)
+        init = self.shippedModelPath(task, "student") if initPath == "student" else initPath
+        if init and not Path(init).is_file():
+            raise ValueError(f"Student model {init} not found; choose a student model file (*.kdseg.pt).")
         if not epochs and not maxMinutes:
             raise ValueError("Set a number of epochs or a time budget.")
         outputPath = Path(outputPath) if outputPath else next_model_path(self.userModelsDir(), task)
@@ -763,7 +771,8 @@ class KDSegmentationLogic(ScriptedLoadableModuleLogic, VTKObservationMixin):
             outputPath.parent.mkdir(parents=True, exist_ok=True)
             command = distill_command(
                 self.pythonExecutable(), task, teacher, dataFolder, outputPath, unlabelled=unlabelledFolder,
-                alpha=alpha, temperature=temperature, max_minutes=maxMinutes or None, epochs=epochs or None)
+                alpha=alpha, temperature=temperature, max_minutes=maxMinutes or None, epochs=epochs or None,
+                init=init, teacher_targets=teacherTargets)
             self.runs.start_command(run, command)
         except Exception:
             shutil.rmtree(run.temp_dir, ignore_errors=True)

@@ -215,6 +215,10 @@ def test_command_lines():
     assert d[3] == "distill" and "--unlabelled=/u" in d and "--epochs" not in d
     assert d[d.index("--alpha") + 1] == "0.5" and d[d.index("--temperature") + 1] == "2.0"
     assert d[d.index("--max-minutes") + 1] == "10.0"
+    assert not any(a.startswith("--init") for a in d) and "--teacher-targets" not in d
+    d = commands.distill_command("py", "retina", "/m/t.kdseg.pt", "/d", "/o/s.kdseg.pt", init="/m/s.kdseg.pt",
+                                 teacher_targets="stored")
+    assert "--init=/m/s.kdseg.pt" in d and d[d.index("--teacher-targets") + 1] == "stored"
     assert commands.models_list_command("py")[3:] == ["models", "list", "--json"]
     assert commands.serve_command("py", threads=3)[3:] == ["serve", "--threads", "3"]
 

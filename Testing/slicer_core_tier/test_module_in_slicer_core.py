@@ -357,11 +357,14 @@ def test_cancel_during_distillation(kdseg_module, slicer_core, scene, tmp_path):
     volume = load_sample_volume(slicer_core, find_sample("retina"))
     before = slicer_core.util.arrayFromVolume(volume).copy()
     logic = kdseg_module.KDSegmentationLogic()
-    teacher = logic.shippedModelPath("retina", "teacher")
-    teacher_hash = sha256(teacher)
+    teacher, student = logic.shippedModelPath("retina", "teacher"), logic.shippedModelPath("retina", "student")
+    teacher_hash, student_hash = sha256(teacher), sha256(student)
     output = tmp_path / "models" / "retina_student_local_v1.kdseg.pt"
     try:
         run = logic.distill("retina", volumeNodes=[volume], maxMinutes=5.0, outputPath=output)
+        # the shipped student is adapted (not a new network), from soft labels computed once per image
+        assert f"--init={student}" in run.process.command
+        assert "stored" in run.process.command
         pump_until(slicer_core, lambda: run.done or "train" in (run.stage or "").lower() or run.metrics.loss,
                    timeout_s=180)
         assert not run.done, run.message
@@ -371,7 +374,7 @@ def test_cancel_during_distillation(kdseg_module, slicer_core, scene, tmp_path):
         logic.shutdown()
     assert run.status == "cancelled", run.message
     assert not run.process.running
-    assert sha256(teacher) == teacher_hash
+    assert sha256(teacher) == teacher_hash and sha256(student) == student_hash
     np.testing.assert_array_equal(slicer_core.util.arrayFromVolume(volume), before)
     assert not any(output.parent.glob(".*tmp*")) if output.parent.exists() else True
 

@@ -314,3 +314,18 @@ def test_ablation_script_tabulates_methods_over_seeds(small_drive, teacher, shar
     assert read_header(out / "kd_seed1.kdseg.pt")["card"]["seed"] == 1
     table = (out / "ablation.md").read_text(encoding="utf-8")
     assert "| kd | `kd=1` |" in table and "±" in table
+
+
+def test_a_run_from_a_student_is_scored_first_and_keeps_it_unless_beaten(small_drive, teacher, tmp_path):
+    """Local distillation starts from an existing student: it is validated before the first step (the card's
+    "before"), and when training only makes it worse (here a learning rate that wrecks the weights) the model
+    written is the starting one, not the damaged one."""
+    ev = Events()
+    out = train(_cfg(small_drive, tmp_path / "tuned.kdseg.pt", init=str(teacher), teacher=str(teacher),
+                     losses="kd=1", steps=3, lr=5.0, val_every=100), progress=Progress("json", stream=ev))
+    dice = ev.dice()
+    assert len(dice) == 2 and dice[1] < dice[0], dice  # step 0, then the end of the run
+    validation = read_header(out)["card"]["metrics"]["validation"]
+    assert validation["before"] == validation["best"] == round(dice[0], 5) and validation["best_step"] == 0
+    start, written = load_model(teacher).network.state_dict(), load_model(out).network.state_dict()
+    assert all(torch.allclose(start[k].float(), written[k].float(), atol=1e-3) for k in start)

@@ -35,12 +35,18 @@ def segment_command(python_executable, task: str, input_path, output_path, model
 
 def distill_command(python_executable, task: str, teacher, data, output, unlabelled=None,
                     alpha: Optional[float] = None, temperature: Optional[float] = None,
-                    max_minutes: Optional[float] = None, epochs: Optional[int] = None) -> List[str]:
-    """``kdseg distill`` with JSON progress; unset options are left to the engine's defaults."""
+                    max_minutes: Optional[float] = None, epochs: Optional[int] = None, init=None,
+                    teacher_targets: Optional[str] = None) -> List[str]:
+    """``kdseg distill`` with JSON progress; unset options are left to the engine's defaults. ``init``: the student
+    to start from (local distillation adapts it); ``teacher_targets``: 'online' or 'stored'."""
     cmd = _base(python_executable) + ["distill", "--task", task, f"--teacher={teacher}", f"--data={data}",
                                       f"--output={output}"]
     if unlabelled:
         cmd.append(f"--unlabelled={unlabelled}")
+    if init:
+        cmd.append(f"--init={init}")
+    if teacher_targets:
+        cmd += ["--teacher-targets", teacher_targets]
     if alpha is not None:
         cmd += ["--alpha", repr(float(alpha))]
     if temperature is not None:

@@ -39,12 +39,15 @@ def _recipe(cfg: TrainConfig, plan: Plan, state: Dict[str, Any], spec: str, devi
 def _validation_metrics(state: Dict[str, Any]) -> Dict[str, Any]:
     best = state["best"]
     last_val = state["val_history"][-1] if state["val_history"] else None
+    # a run from an existing student (--init) is scored before its first step
+    before = state["val_history"][0] if state["val_history"] and state["val_history"][0]["step"] == 0 else None
     return {"validation": {
         "metric": "dice (mean over labels, then cases; model grid" +
                   (", against the teacher)" if (last_val or {}).get("vs_teacher") else ")"),
         "best": round(best["val_dice"], 5) if best else None, "best_step": best["step"] if best else None,
         "best_per_label": best["per_label"] if best else None,
-        "final": round(last_val["val_dice"], 5) if last_val else None}}
+        "final": round(last_val["val_dice"], 5) if last_val else None,
+        "before": round(before["val_dice"], 5) if before else None}}
 
 
 def model_card(cfg: TrainConfig, task: TaskSpec, description: Dict[str, Any], plan: Plan, state: Dict[str, Any],

@@ -289,6 +289,12 @@ class Trainer:
     def run(self) -> Path:
         """The loop, then the model and the report; returns the model file. Raises :class:`CancelledError` when
         stopped (after writing a checkpoint)."""
+        if self.cfg.init and self.state["step"] == 0 and not self._validate():
+            # the starting student is scored first: the run reports before and after, and keeps the starting
+            # weights when training does not beat them on the validation cases
+            err = CancelledError(f"stopped before the first step ({self.stopper.reason or 'stop requested'})")
+            err.signal = self.stopper.signal
+            raise err
         self.module.train()
         it = iter(self.loader)
         try:
