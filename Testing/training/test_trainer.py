@@ -316,16 +316,42 @@ def test_ablation_script_tabulates_methods_over_seeds(small_drive, teacher, shar
     assert "| kd | `kd=1` |" in table and "±" in table
 
 
-def test_a_run_from_a_student_is_scored_first_and_keeps_it_unless_beaten(small_drive, teacher, tmp_path):
+def test_a_run_from_a_student_is_scored_before_its_first_step(small_drive, teacher, tmp_path):
     """Local distillation starts from an existing student: it is validated before the first step (the card's
-    "before"), and when training only makes it worse (here a learning rate that wrecks the weights) the model
-    written is the starting one, not the damaged one."""
+    "before", the first point of the Dice curve), and the model written is the best trained one (the starting
+    weights do not compete: validation cases from another site than the adaptation images would keep them)."""
     ev = Events()
     out = train(_cfg(small_drive, tmp_path / "tuned.kdseg.pt", init=str(teacher), teacher=str(teacher),
-                     losses="kd=1", steps=3, lr=5.0, val_every=100), progress=Progress("json", stream=ev))
+                     losses="kd=1", steps=3, lr=0.5, val_every=100), progress=Progress("json", stream=ev))
     dice = ev.dice()
-    assert len(dice) == 2 and dice[1] < dice[0], dice  # step 0, then the end of the run
+    steps = [e["step"] for e in ev.events if e["event"] == "metric" and "val_dice" in e]
+    assert steps == [0, 3] and dice[1] < dice[0], dice  # a learning rate that damages the weights
     validation = read_header(out)["card"]["metrics"]["validation"]
-    assert validation["before"] == validation["best"] == round(dice[0], 5) and validation["best_step"] == 0
+    assert validation["before"] == round(dice[0], 5) and validation["best"] == round(dice[1], 5)
+    assert validation["best_step"] == 3
     start, written = load_model(teacher).network.state_dict(), load_model(out).network.state_dict()
-    assert all(torch.allclose(start[k].float(), written[k].float(), atol=1e-3) for k in start)
+    assert not all(torch.allclose(start[k].float(), written[k].float(), atol=1e-3) for k in start)
+
+
+def test_a_diverged_run_writes_no_model(small_drive, teacher, tmp_path, monkeypatch):
+    """Weights that became NaN/Inf would make a model file that can never be loaded: refused, nothing written. A
+    BatchNorm running variance is what a too-high learning rate turns to NaN first, while the training loss (batch
+    statistics) stays finite; it is set to NaN here after the first step."""
+    from KDSegmentationLib.training.trainer import Trainer
+
+    real_step = Trainer.step
+
+    def step(self, batch):
+        out = real_step(self, batch)
+        for name, buf in self.student.named_buffers():
+            if name.endswith("running_var"):
+                buf.fill_(float("nan"))
+                break
+        return out
+
+    monkeypatch.setattr(Trainer, "step", step)
+    out = tmp_path / "diverged.kdseg.pt"
+    with pytest.raises(InputError, match="diverged"):
+        train(_cfg(small_drive, out, init=str(teacher), teacher=str(teacher), losses="kd=1", steps=2,
+                   val_fraction=0))
+    assert not out.exists()

@@ -267,12 +267,12 @@ class Trainer:
         state, step = self.state, self.state["step"]
         entry = {"step": step, "epoch": round(step / self.plan.steps_per_epoch, 3), **res}
         state["val_history"].append(entry)
-        if state["best"] is None or res["val_dice"] > state["best"]["val_dice"]:
+        if step > 0 and (state["best"] is None or res["val_dice"] > state["best"]["val_dice"]):
             state["best"] = {"val_dice": res["val_dice"], "step": step, "per_label": res["per_label"]}
             state["best_state"] = ckpt.student_state(self.student)
         self.progress.metric(step=step, epoch=entry["epoch"], val_dice=round(res["val_dice"], 5),
                              **{f"val_dice_{k}": round(v, 5) for k, v in res["per_label"].items() if v == v},
-                             best_val_dice=round(state["best"]["val_dice"], 5),
+                             **({"best_val_dice": round(state["best"]["val_dice"], 5)} if state["best"] else {}),
                              **({"val_vs_teacher": True} if res["vs_teacher"] else {}))
 
     def checkpoint(self) -> None:
@@ -290,8 +290,8 @@ class Trainer:
         """The loop, then the model and the report; returns the model file. Raises :class:`CancelledError` when
         stopped (after writing a checkpoint)."""
         if self.cfg.init and self.state["step"] == 0 and not self._validate():
-            # the starting student is scored first: the run reports before and after, and keeps the starting
-            # weights when training does not beat them on the validation cases
+            # the starting student is scored first, so that the run reports before and after (it does not compete
+            # for the model written: validation cases from another site than the adaptation images would keep it)
             err = CancelledError(f"stopped before the first step ({self.stopper.reason or 'stop requested'})")
             err.signal = self.stopper.signal
             raise err
@@ -365,6 +365,10 @@ class Trainer:
         cfg, state = self.cfg, self.state
         if state["best_state"] is not None:
             self.student.load_state_dict(state["best_state"])
+        bad = [k for k, v in self.student.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a model file that could never be loaded again is not written
+            raise InputError(f"training diverged: non-finite weights ({bad[0]}); nothing was written, the checkpoint "
+                             f"in {self.ckpt_dir} is kept; lower --lr and train again")
         card = model_card(cfg, self.task, self.data.description, self.plan, state, self.n_params, self.spec,
                           self.teacher_header, self.device, self.dist.world, self.dataset.policy, self.step_times)
         version = cfg.version or local_version(self.output, self.task.name) or "1"
