@@ -15,6 +15,19 @@ if str(LIB_PARENT) not in sys.path:
 SHARED_DATA = Path(os.environ.get("KDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_dataset_cache(tmp_path_factory):
+    """Datasets prepared by the tests go to a temporary folder, never into the user's cache (each test's data
+    folder is new, so every run would leave another prepared copy there)."""
+    previous = os.environ.get("KDSEG_CACHE")
+    os.environ["KDSEG_CACHE"] = str(tmp_path_factory.mktemp("dataset-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KDSEG_CACHE", None)
+    else:
+        os.environ["KDSEG_CACHE"] = previous
+
+
 def save_tiny_student(task: str, path, **save_options) -> Path:
     """A student of ``task``'s shipped architecture at width 4 with random weights (seed with torch.manual_seed
     first), saved as a model file: enough to run every stage of a pipeline in a test."""
