@@ -4,11 +4,13 @@
 ``(seed, step, slot)`` so a resumed run sees exactly the samples an uninterrupted run would, whatever the number of
 DataLoader workers. The workers do the per-sample work (crop, intensity/colour/camera augmentation, the
 network-input normalisation); the spatial part is one batched ``grid_sample`` on the training device
-(``augment.warp_batch``), which keeps data loading off the critical path on a GPU.
+(:func:`batch_to_device` with ``augment.warp_batch``, the stored teacher targets warped alike), which keeps data
+loading off the critical path on a GPU.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -180,6 +182,43 @@ class PatchDataset:
                 soft[0] = 1.0
             item["soft"] = torch.from_numpy(np.ascontiguousarray(soft)).to(torch.float16)
         return item
+
+
+@dataclass
+class DeviceBatch:
+    """A batch on the device after its spatial augmentation: x (B, C, *patch); target: labels (B, *patch) or soft
+    labels (B, 2, *patch); labelled flags (B,); the teacher's stored log-probabilities of the same view
+    (B, classes, *patch) or None (the teacher runs online)."""
+
+    x: Any                 # torch.Tensor
+    target: Any            # torch.Tensor
+    labelled: List[bool]
+    teacher_logits: Any    # torch.Tensor or None
+
+
+def batch_to_device(batch: Dict[str, Any], patch, pad_mode: str, device, soft: bool,
+                    channels_last: bool) -> DeviceBatch:
+    """Move a collated batch to the device and apply its spatial augmentation there (one affine per sample, the
+    same for the image, its labels and the stored teacher targets)."""
+    import torch
+
+    from KDSegmentationLib.training.augment import warp_batch
+    from KDSegmentationLib.training.teacher_targets import warp_logits
+
+    nb = device.type == "cuda"
+    image = batch["image"].to(device, non_blocking=nb)
+    theta = batch["theta"].to(device, non_blocking=nb)
+    label = batch["label"].to(device, non_blocking=nb)
+    soft_t = batch["soft"].to(device, non_blocking=nb) if soft else None
+    teacher = None
+    with torch.no_grad():
+        x, y, s = warp_batch(image, theta, patch, label=None if soft else label, soft=soft_t, pad_mode=pad_mode)
+        if "teacher" in batch:
+            teacher = warp_logits(batch["teacher"].to(device, non_blocking=nb), theta, patch)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labelled = [bool(v) for v in batch["labelled"].tolist()]
+    return DeviceBatch(x, s if soft else y, labelled, teacher)
 
 
 class MixedBatchSampler:

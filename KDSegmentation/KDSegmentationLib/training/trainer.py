@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -38,7 +37,6 @@ from KDSegmentationLib.inference.device import pick_device
 from KDSegmentationLib.progress import Progress
 from KDSegmentationLib.tasks import TaskSpec, get_task
 from KDSegmentationLib.training import checkpoint as ckpt
-from KDSegmentationLib.training.augment import warp_batch
 from KDSegmentationLib.training.cache import task_preprocessing
 from KDSegmentationLib.training.config import TrainConfig
 from KDSegmentationLib.training.data import TrainData, load_training_data
@@ -47,42 +45,10 @@ from KDSegmentationLib.training.output import check_output, locked_output
 from KDSegmentationLib.models.naming import local_version
 from KDSegmentationLib.training.plan import lr_factor, make_plan
 from KDSegmentationLib.training.report import model_card, write_report
-from KDSegmentationLib.training.sampling import MixedBatchSampler, PatchDataset, make_loader
+from KDSegmentationLib.training.sampling import MixedBatchSampler, PatchDataset, batch_to_device, make_loader
 from KDSegmentationLib.training.stopping import Distributed, Stopper
-from KDSegmentationLib.training.teacher_targets import check_stored_targets, store_teacher_logits, warp_logits
+from KDSegmentationLib.training.teacher_targets import check_stored_targets, store_teacher_logits
 from KDSegmentationLib.training.validation import validate
-
-
-@dataclass
-class DeviceBatch:
-    """A batch on the device after its spatial augmentation: x (B, C, *patch); target: labels (B, *patch) or soft
-    labels (B, 2, *patch); labelled flags (B,); the teacher's stored log-probabilities of the same view
-    (B, classes, *patch) or None (the teacher runs online)."""
-
-    x: torch.Tensor
-    target: torch.Tensor
-    labelled: List[bool]
-    teacher_logits: Optional[torch.Tensor]
-
-
-def batch_to_device(batch: Dict[str, torch.Tensor], patch, pad_mode: str, device: torch.device, soft: bool,
-                    channels_last: bool) -> DeviceBatch:
-    """Move a collated batch to the device and apply its spatial augmentation there (one affine per sample, the
-    same for the image, its labels and the stored teacher targets)."""
-    nb = device.type == "cuda"
-    image = batch["image"].to(device, non_blocking=nb)
-    theta = batch["theta"].to(device, non_blocking=nb)
-    label = batch["label"].to(device, non_blocking=nb)
-    soft_t = batch["soft"].to(device, non_blocking=nb) if soft else None
-    teacher = None
-    with torch.no_grad():
-        x, y, s = warp_batch(image, theta, patch, label=None if soft else label, soft=soft_t, pad_mode=pad_mode)
-        if "teacher" in batch:
-            teacher = warp_logits(batch["teacher"].to(device, non_blocking=nb), theta, patch)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    labelled = [bool(v) for v in batch["labelled"].tolist()]
-    return DeviceBatch(x, s if soft else y, labelled, teacher)
 
 
 class Trainer:
