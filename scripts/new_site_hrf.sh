@@ -80,6 +80,17 @@ for seed in 1 2; do  # two more seeds of the 12-minute run with stored soft labe
   distil "tdc_stored_s$seed" "$T" 12 --teacher-targets stored --seed "$seed"
 done
 
+panel() {  # TAG TEACHER: local distillation as the Slicer panel runs it: the site's unlabelled photographs alone,
+  # the shipped student as the start, soft labels stored once, 10 minutes, the engine's defaults otherwise
+  local S=$OUT/retina_student_panel_hrf_$1.kdseg.pt
+  [ -f "$S" ] || kdseg distill --task retina --teacher "$2" --data "$UNL" --output "$S" --alpha 0.5 --temperature 2 \
+    --max-minutes 10 --init "$M/retina_student.kdseg.pt" --teacher-targets stored --seed 0 --device cpu \
+    --progress json > "$S.log"
+  evaluate "panel_$1" "$S"
+}
+panel t0 "$M/retina_teacher.kdseg.pt"
+panel tdc "$T"
+
 python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -88,7 +99,7 @@ for f in sorted(out.glob("*_*.json")):
     r = json.loads(f.read_text()); m = r["mean"]["Retinal vessels"]
     tag, _, where = f.stem.rpartition("_")
     print(f"{tag:28s} {where:6s} {r['n_cases']:3d} " + " ".join(f"{m[k]['mean']:7.4f}" for k in ("dice", "precision", "recall", "auc")))
-for f in sorted(out.glob("retina_student_local_hrf_*.kdseg.pt.report.json")):
+for f in sorted(out.glob("retina_student_*_hrf_*.kdseg.pt.report.json")):
     card = json.loads(f.read_text())["card"]
     print(f"{f.name.split('.')[0]:40s} steps {card['recipe']['steps']:5d}, {card['step_time_s']:.3f} s/step, "
           f"teacher targets {card['recipe'].get('teacher_targets')}, {card['training_time_s'] / 60:.1f} min")

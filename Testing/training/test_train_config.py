@@ -84,3 +84,14 @@ def test_teacher_config_keeps_the_field_defaults():
 def test_bad_combinations_are_input_errors(argv, message):
     with pytest.raises(InputError, match=re.escape(message)):
         config_from_args(_parser("student").parse_args(argv))
+
+
+def test_a_student_started_from_a_trained_one_is_fine_tuned_at_a_lower_rate():
+    from KDSegmentationLib.tasks import get_task
+    from KDSegmentationLib.training.config import TrainConfig
+    from KDSegmentationLib.training.plan import make_plan
+
+    task = get_task("retina")
+    lr = lambda **kw: make_plan(TrainConfig(task="retina", steps=10, **kw), task, 4, 0, False, 1).lr  # noqa: E731
+    assert lr() == 2e-3 and lr(init="s.kdseg.pt") == 5e-4 and lr(role="teacher") == 1e-3
+    assert lr(init="s.kdseg.pt", lr=1e-2) == 1e-2

@@ -144,7 +144,7 @@ class TrainConfig:
     patches_per_case: Optional[int] = field(default=None, metadata=option(
         "patches per labelled case per epoch", type=int))
     lr: Optional[float] = field(default=None, metadata=option(
-        "peak learning rate (AdamW; default 1e-3 teacher, 2e-3 student)", type=float))
+        "peak learning rate (AdamW; default 1e-3 teacher, 2e-3 student, 5e-4 student from --init)", type=float))
     weight_decay: float = field(default=1e-4, metadata=option("AdamW weight decay", type=float))
     schedule: str = field(default="cosine", metadata=option(
         "learning-rate decay after the warm-up", choices=("cosine", "poly")))

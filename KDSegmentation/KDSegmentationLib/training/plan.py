@@ -78,7 +78,8 @@ def make_plan(cfg: TrainConfig, task: TaskSpec, n_labelled: int, n_unlabelled: i
     if total < 1:
         raise InputError("nothing to train: --steps/--epochs must be at least 1")
     warmup = min(500, max(1, int(round(cfg.warmup * total)))) if cfg.warmup > 0 else 0
-    lr = float(cfg.lr or (1e-3 if cfg.role == "teacher" else 2e-3))
+    # a student started from a trained one (--init: local distillation) is fine-tuned, at a quarter of the rate
+    lr = float(cfg.lr or (1e-3 if cfg.role == "teacher" else 5e-4 if cfg.init else 2e-3))
     budget = float(cfg.max_minutes) * 60.0 if cfg.max_minutes else None
     if cfg.workers is None:
         cpus = os.cpu_count() or 1
