@@ -102,3 +102,18 @@ def test_distiller_splits_labelled_and_unlabelled_samples():
         _, none_parts, _ = distiller(x, target, [False] * 4)
         _, all_parts, _ = distiller(x, target)
     assert none_parts["seg"] == 0 and all_parts["seg"] > 0
+
+
+def test_a_teacher_weaker_than_the_student_is_flagged(repo_root):
+    """The shipped retina teacher's card records a lower held-out Dice than the shipped student's (it teaches a
+    student at a new camera to be worse, docs/new_site_hrf.md): distilling from it warns; the other way round, or
+    without recorded evaluations, it does not."""
+    from KDSegmentationLib.models.files import read_header
+    from KDSegmentationLib.training.distiller import weaker_teacher_warning
+
+    models = repo_root / "Resources" / "Models"
+    teacher, student = (read_header(models / f"retina_{r}.kdseg.pt") for r in ("teacher", "student"))
+    warning = weaker_teacher_warning(teacher, student)
+    assert warning and "Dice 0.792" in warning and "student's 0.80" in warning and "DRIVE test" in warning
+    assert weaker_teacher_warning(student, teacher) is None
+    assert weaker_teacher_warning({"card": {}}, student) is None and weaker_teacher_warning(teacher, None) is None

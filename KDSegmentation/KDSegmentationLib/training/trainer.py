@@ -40,7 +40,7 @@ from KDSegmentationLib.training import checkpoint as ckpt
 from KDSegmentationLib.training.cache import task_preprocessing
 from KDSegmentationLib.training.config import TrainConfig
 from KDSegmentationLib.training.data import TrainData, load_training_data
-from KDSegmentationLib.training.distiller import build_distiller, default_losses
+from KDSegmentationLib.training.distiller import build_distiller, default_losses, weaker_teacher_warning
 from KDSegmentationLib.training.output import check_output, locked_output
 from KDSegmentationLib.models.naming import local_version
 from KDSegmentationLib.training.plan import lr_factor, make_plan
@@ -75,6 +75,9 @@ class Trainer:
         self.distiller, self.arch, self.arch_args, self.teacher_header, self.init_header = build_distiller(
             cfg, task, self.device, log=self.progress.log)
         self.spec = default_losses(cfg)
+        warning = weaker_teacher_warning(self.teacher_header, self.init_header)
+        if warning and self.dist.main:
+            self.progress.log(warning, level="warning")
         self.data: TrainData = load_training_data(cfg, task, self.progress, self.stopper, self.dist,
                                                   self.distiller.teacher is not None)
         if not self.data.train and not self.data.unlabelled:
