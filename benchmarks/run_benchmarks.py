@@ -87,19 +87,23 @@ def run_child(cmd: List[str], timeout: float = 1800.0) -> dict:
 # machine
 # ---------------------------------------------------------------------------------------------------------------
 
+def cpu_model(default: str = "unknown") -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else ``default``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
+
+
 def machine_description(threads: int) -> dict:
     import importlib.metadata as md
 
     import torch
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     mem = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():

@@ -286,15 +286,9 @@ def _machine() -> dict:
     import onnxruntime as ort
     import torch
 
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    from run_benchmarks import cpu_model  # the script's own folder is on sys.path
+
+    return {"cpu": cpu_model(default=""), "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
             "numpy": np.__version__, "loadavg_start": list(os.getloadavg())}
 

@@ -69,37 +69,36 @@ def _interpolate(prob_zyx: np.ndarray, axes: List[tuple], where: Sequence[np.nda
     return out.astype(np.float32)
 
 
-def _chunks(cells_zyx: np.ndarray, axes: List[tuple], max_voxels: int = 1 << 18):
+def _runs(axes: List[tuple]) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Per axis, for every model index: (first box index, number of box indices) of the input points it is the
+    model index below of. That index rises with the input index, so each one owns a run of input indices."""
+    runs = []
+    for j0, *_ in axes:
+        count = np.bincount(j0, minlength=int(j0.max()) + 1)
+        runs.append((np.cumsum(count) - count, count))
+    return runs
+
+
+def _chunks(cells_zyx: np.ndarray, runs, max_voxels: int = 1 << 18):
     """``cells_zyx`` (K, 3) in groups owning at most about ``max_voxels`` input voxels each: the per-voxel index and
     weight arrays of a group stay a few MB (a liver's shell in a 300-slice CT has over a million voxels)."""
     if not len(cells_zyx):
         return
-    per_axis = [np.bincount(ax[0], minlength=int(ax[0].max()) + 1) for ax in axes]
-    owned = per_axis[0][cells_zyx[:, 0]] * per_axis[1][cells_zyx[:, 1]] * per_axis[2][cells_zyx[:, 2]]
-    group = np.cumsum(owned) // max_voxels
-    edges = np.flatnonzero(np.diff(group)) + 1
+    owned = np.prod([count[cells_zyx[:, a]] for a, (_, count) in enumerate(runs)], axis=0)
+    edges = np.flatnonzero(np.diff(np.cumsum(owned) // max_voxels)) + 1
     yield from np.split(cells_zyx, edges)
 
 
-def _voxels_of_cells(cells_zyx: np.ndarray, axes: List[tuple]) -> Tuple[np.ndarray, ...]:
+def _voxels_of_cells(cells_zyx: np.ndarray, runs) -> Tuple[np.ndarray, ...]:
     """Box voxel indices (z, y, x arrays) of every input voxel whose lower cell corner is one of ``cells_zyx``
-    (K, 3). An axis' model index below a point rises with the input index, so each cell owns a run of input
-    indices per axis; the voxels are generated run by run without scanning the box."""
-    first, count = [], []
-    for a, ax in enumerate(axes):
-        j0 = ax[0]
-        c = cells_zyx[:, a]
-        lo = np.searchsorted(j0, c, side="left")
-        first.append(lo)
-        count.append(np.searchsorted(j0, c, side="right") - lo)
+    (K, 3), generated run by run (:func:`_runs`) without scanning the box."""
+    first = [f[cells_zyx[:, a]] for a, (f, _) in enumerate(runs)]
+    count = [c[cells_zyx[:, a]] for a, (_, c) in enumerate(runs)]
     per_cell = count[0] * count[1] * count[2]
-    total = int(per_cell.sum())
     cell = np.repeat(np.arange(len(cells_zyx)), per_cell)
-    k = np.arange(total) - np.repeat(np.cumsum(per_cell) - per_cell, per_cell)
-    nyx = (count[1] * count[2])[cell]
-    nx = count[2][cell]
-    kz, rest = np.divmod(k, nyx)
-    ky, kx = np.divmod(rest, nx)
+    k = np.arange(int(per_cell.sum())) - np.repeat(np.cumsum(per_cell) - per_cell, per_cell)
+    kz, rest = np.divmod(k, (count[1] * count[2])[cell])
+    ky, kx = np.divmod(rest, count[2][cell])
     return first[0][cell] + kz, first[1][cell] + ky, first[2][cell] + kx
 
 
@@ -116,8 +115,9 @@ def argmax_on_input_box(prob_zyx: np.ndarray, grid, original, start, stop) -> np
     lo = [int(ax[0][0]) for ax in axes]
     hi = [int(ax[0][-1]) + 1 for ax in axes]
     mixed_cells = np.argwhere(cells[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] == MIXED) + np.asarray(lo)
-    for chunk in _chunks(mixed_cells, axes):
-        where = _voxels_of_cells(chunk, axes)
+    runs = _runs(axes)
+    for chunk in _chunks(mixed_cells, runs):
+        where = _voxels_of_cells(chunk, runs)
         labels[where] = np.argmax(_interpolate(prob_zyx, axes, where), axis=0).astype(np.uint8)
     for a, ax in enumerate(axes):
         if not ax[3].all():
