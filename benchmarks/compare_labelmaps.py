@@ -24,19 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 def _inputs(data: Path, tmp: Path):
     import SimpleITK as sitk
 
+    from run_benchmarks import resample_slices  # the script's own folder is on sys.path
+
     cts = sorted((data / "liver" / "RadCTTACEomics").glob("*/ct.nii.gz"))
     cts += sorted((data / "liver" / "TotalSegmentator_example").glob("*ct*.nii.gz"))
     if cts:
         big = max(cts, key=lambda p: sitk.ReadImage(str(p)).GetNumberOfPixels())
-        img = sitk.ReadImage(str(big))
-        size, spacing = list(img.GetSize()), list(img.GetSpacing())
-        spacing[2] *= size[2] / 300
-        size[2] = 300
-        shift = 0.5 * (spacing[2] - img.GetSpacing()[2])  # keeps the first and last slice centres' extent
-        origin = [o + shift * img.GetDirection()[3 * i + 2] for i, o in enumerate(img.GetOrigin())]
         out = tmp / f"{big.parent.name}_300slices.nrrd"
-        sitk.WriteImage(sitk.Resample(img, size, sitk.Transform(), sitk.sitkLinear, origin, spacing,
-                                      img.GetDirection(), -1024.0, img.GetPixelID()), str(out))
+        resample_slices(big, out, 300)
         cts.append(out)
     return cts
 

@@ -118,6 +118,7 @@ def test_stored_targets_refuse_feature_losses(tmp_path):
 def test_stored_targets_and_image_share_one_geometry_in_3d(monkeypatch):
     """A CT whose 'teacher' output is its own window value: after crop and warp (rotation about three axes, zoom,
     anisotropic scale) the stored target equals the student's image voxel for voxel, inside the region."""
+    from KDSegmentationLib.tasks.ct import ct_window
     from KDSegmentationLib.training import sampling
     from KDSegmentationLib.training.augment import ct_intensity
     from KDSegmentationLib.training.teacher_targets import LOG_FLOOR
@@ -127,7 +128,7 @@ def test_stored_targets_and_image_share_one_geometry_in_3d(monkeypatch):
     zz, yy, xx = np.mgrid[:40, :70, :90]
     hu = (400 * np.sin(zz / 5.0) * np.cos(yy / 7.0) + 3 * xx - 200 + rng.normal(0, 20, zz.shape)).astype(np.int16)
     case = {"image": hu}
-    p1 = np.asarray(ct_window_of(hu, liver), np.float64)
+    p1 = np.asarray(ct_window(hu, liver), np.float64)
     case["teacher"] = np.log(np.clip(np.stack([1 - p1, p1]), np.exp(LOG_FLOOR), 1)).astype(np.float16)
     monkeypatch.setattr(sampling, "ct_intensity", lambda h, t, r, aug: ct_intensity(h, t, r, False))
     policy = dataclasses.replace(default_policy(liver), p_spatial=1.0, pad_mode="zeros")
@@ -140,8 +141,3 @@ def test_stored_targets_and_image_share_one_geometry_in_3d(monkeypatch):
     other = warp_logits(batch["teacher"], batch["theta"].flip(0), patch).exp()[:, 1]
     assert (other - x[:, 0]).abs().mean() > 0.02  # another sample's affine: far off
 
-
-def ct_window_of(hu, task):
-    from KDSegmentationLib.tasks.ct import ct_window
-
-    return ct_window(hu, task)
