@@ -28,6 +28,18 @@ def private_dataset_cache(tmp_path_factory):
         os.environ["KDSEG_CACHE"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_compiled_models(tmp_path_factory):
+    """Models compiled for ONNX Runtime by the tests go to a temporary folder, never into the user's cache."""
+    previous = os.environ.get("KDSEG_COMPILED")
+    os.environ["KDSEG_COMPILED"] = str(tmp_path_factory.mktemp("compiled-models"))
+    yield
+    if previous is None:
+        os.environ.pop("KDSEG_COMPILED", None)
+    else:
+        os.environ["KDSEG_COMPILED"] = previous
+
+
 def save_tiny_student(task: str, path, **save_options) -> Path:
     """A student of ``task``'s shipped architecture at width 4 with random weights (seed with torch.manual_seed
     first), saved as a model file: enough to run every stage of a pipeline in a test."""

@@ -18,15 +18,23 @@ ENGINE = REPO / "KDSegmentation" / "KDSegmentationLib"
 
 @pytest.fixture()
 def forward_calls(monkeypatch):
-    """Counts the inferer's forwards; the real forward still runs."""
-    calls = []
-    real = Inferer.probabilities
+    """Counts the inferer's forwards (torch or compiled: a call into the inferer from outside it counts once); the
+    real forward still runs."""
+    calls, depth = [], [0]
 
-    def counting(self, x, roi_zyx=None):
-        calls.append(tuple(x.shape))
-        return real(self, x, roi_zyx)
+    def counting(real):
+        def wrapper(self, x, roi_zyx=None):
+            if depth[0] == 0:
+                calls.append(tuple(x.shape))
+            depth[0] += 1
+            try:
+                return real(self, x, roi_zyx)
+            finally:
+                depth[0] -= 1
+        return wrapper
 
-    monkeypatch.setattr(Inferer, "probabilities", counting)
+    for name in ("probabilities", "numpy_probabilities"):
+        monkeypatch.setattr(Inferer, name, counting(getattr(Inferer, name)))
     return calls
 
 

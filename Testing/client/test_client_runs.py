@@ -348,7 +348,8 @@ def test_models_output_choices_card_and_delete(tmp_path):
 
 
 def test_missing_requirements_reads_metadata_only():
-    versions = {"monai": "1.2.0", "pynrrd": "1.0.0", "slicerio": None, "tqdm": "4.66.1"}
+    versions = {"monai": "1.2.0", "pynrrd": "1.0.0", "slicerio": None, "tqdm": "4.66.1", "onnxruntime": "1.20.1",
+                "onnx": "1.17.0"}
     missing = environment.missing_requirements(environment.SLICER_REQUIREMENTS, version_of=versions.get)
     assert missing == ["monai>=1.3", "slicerio>=1.1"]
     assert environment.missing_requirements(["numpy"], version_of=lambda n: "2.0.1") == []

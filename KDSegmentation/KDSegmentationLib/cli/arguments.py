@@ -119,7 +119,7 @@ def bound_message(message: str, word_limit: int = 300, total_limit: int = 2000) 
 
 
 def set_threads(threads: Optional[int]) -> None:
-    import torch
+    """``--threads`` for torch and ONNX Runtime alike (torch is not imported for it)."""
+    from KDSegmentationLib.inference.device import set_cpu_threads
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    set_cpu_threads(threads)

@@ -15,8 +15,7 @@ from KDSegmentationLib.progress import PROGRESS_MODES
 def run_segment(task_name: str, input_path: str, output_path: str, model: str = "student", device: str = "auto",
                 seed_ras=None, threads: Optional[int] = None, progress=None) -> dict:
     """Segment one image and write the result; returns the summary (the ``result`` event's payload)."""
-    from KDSegmentationLib.inference.device import pick_device
-    from KDSegmentationLib.inference.segment import load_task_model, segment_image
+    from KDSegmentationLib.inference.segment import load_for_inference, segment_image
     from KDSegmentationLib.io.segmentations import write_segmentation
     from KDSegmentationLib.progress import Progress
 
@@ -29,8 +28,7 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     set_threads(threads)
-    dev = pick_device(device)
-    loaded = load_task_model(task, model, dev)
+    loaded, dev = load_for_inference(task, model, device, log=lambda m: progress.log(m, "info"))
     timings["model_load"] = time.perf_counter() - t0
     result = segment_image(image, task, loaded, dev, seed_ras=seed_ras,
                            progress=lambda stage, f: progress.progress(stage, f))
@@ -45,7 +43,7 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
     progress.progress("done", 1.0)
     return {"task": task.name, "input": str(input_path), "path": str(out),
             "model": loaded.header.get("card", {}).get("name", Path(loaded.path).name),
-            "device": str(dev), "segments": result.stats, "withheld": result.withheld,
+            "device": str(dev), "runtime": getattr(loaded, "runtime", "torch"), "segments": result.stats, "withheld": result.withheld,
             "warnings": warnings + result.warnings,
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 
@@ -85,7 +83,8 @@ def _read_input(input_path: str, task, progress):
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['task']}: {summary['input']} -> {summary['path']}  "
-             f"({summary['timings_s']['total']:.2f} s, {summary['model']} on {summary['device']})"]
+             f"({summary['timings_s']['total']:.2f} s, {summary['model']} on {summary['device']}, "
+             f"{summary.get('runtime', 'torch')})"]
     for name, st in summary["segments"].items():
         if "volume_ml" in st:
             extra = ""

@@ -11,8 +11,9 @@ from typing import Callable, Iterable, List, Optional
 
 # Installed into Slicer's Python on first use. torch comes from the PyTorch extension (PyTorchUtils) and is not
 # listed: pip would pull a CUDA build from PyPI. SimpleITK and numpy ship with Slicer and must not be replaced.
+# onnxruntime runs compiled students on the CPU (onnx is its exporter's); without them torch runs every model.
 TORCH_REQUIREMENT = ">=2.1"
-SLICER_REQUIREMENTS = ("monai>=1.3", "pynrrd>=1.0", "slicerio>=1.1", "tqdm>=4.60")
+SLICER_REQUIREMENTS = ("monai>=1.3", "pynrrd>=1.0", "slicerio>=1.1", "tqdm>=4.60", "onnxruntime>=1.16", "onnx>=1.14")
 
 
 def engine_python(app_python: Optional[str] = None) -> str:

@@ -12,11 +12,16 @@ SLIDING_WINDOW = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
 
 
 class Inferer:
-    """Softmax class probabilities of ``network`` on ``device``: float16 autocast on CUDA, float32 on the CPU."""
+    """Softmax class probabilities of ``network`` on ``device``: float16 autocast on CUDA, float32 on the CPU.
+
+    ``network`` is a torch module, or a compiled model's :class:`models.compiled.OnnxNetwork` (CPU, numpy in and out:
+    torch is only imported when the input is too large to run whole).
+    """
 
     def __init__(self, network, device):
         self.network = network
         self.device = device
+        self.compiled = hasattr(network, "session")
 
     def _logits(self, x):
         import torch
@@ -33,6 +38,8 @@ class Inferer:
         """
         import torch
 
+        if self.compiled:
+            return torch.from_numpy(self.numpy_probabilities(x, roi_zyx))
         x = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)
         with torch.inference_mode():
             x = x.to(self.device)
@@ -46,4 +53,21 @@ class Inferer:
 
     def numpy_probabilities(self, x, roi_zyx: Optional[Sequence[int]] = None) -> np.ndarray:
         """As :meth:`probabilities`, as a float32 numpy array on the CPU."""
+        if self.compiled and (roi_zyx is None or int(np.prod(np.shape(x)[2:])) <= WHOLE_MAX_VOXELS["cpu"]):
+            return self.network.probabilities(x)
+        if self.compiled:
+            return self._compiled_sliding_window(x, roi_zyx)
         return self.probabilities(x, roi_zyx).cpu().numpy()
+
+    def _compiled_sliding_window(self, x, roi_zyx) -> np.ndarray:
+        """MONAI's sliding window over the compiled network's logits: the same blending as the torch path."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        def predictor(window):
+            return torch.from_numpy(self.network.logits(window.numpy()))
+
+        with torch.inference_mode():
+            logits = sliding_window_inference(torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32)),
+                                              roi_size=tuple(roi_zyx), predictor=predictor, **SLIDING_WINDOW)
+            return torch.softmax(logits.float(), dim=1).numpy()

@@ -27,8 +27,8 @@ _MODEL_CACHE: Dict[tuple, object] = {}
 
 
 def load_task_model(task: TaskSpec, model: str, device) -> "object":
-    """Load (and cache, for the persistent worker) a model or an ensemble (``a,b``), checking that it was trained
-    for ``task``."""
+    """Load (and cache, for the persistent worker) a model or an ensemble (``a,b``) with torch, checking that it
+    was trained for ``task``."""
     from KDSegmentationLib.models.catalog import resolve_models
     from KDSegmentationLib.models.ensemble import load_ensemble
     from KDSegmentationLib.models.files import load_model
@@ -38,11 +38,53 @@ def load_task_model(task: TaskSpec, model: str, device) -> "object":
     if key not in _MODEL_CACHE:
         loaded = load_model(paths[0], device=str(device)) if len(paths) == 1 else \
             load_ensemble(paths, device=str(device))
-        if loaded.task != task.name:
-            raise InputError(f"model {paths[0].name} was trained for task '{loaded.task}', not '{task.name}'")
-        _MODEL_CACHE.clear()  # one model at a time keeps the worker's memory flat
-        _MODEL_CACHE[key] = loaded
+        _check_task(loaded, task, paths[0])
+        _remember(key, loaded)
     return _MODEL_CACHE[key]
+
+
+def load_for_inference(task: TaskSpec, model: str, device: str = "auto", log: Callable[[str], None] = print):
+    """(model, device) the fastest way this machine allows: on the CPU, a single model's compiled form through ONNX
+    Runtime (compiled on first use, see :mod:`models.compiled`), without importing torch when it already exists;
+    otherwise torch on the device :func:`pick_device` chooses. ``log`` hears about compiling."""
+    from KDSegmentationLib.inference.device import cpu_threads, pick_device, surely_cpu
+    from KDSegmentationLib.models.catalog import resolve_models
+    from KDSegmentationLib.models.compiled import compilation_possible, load_compiled
+
+    paths = resolve_models(task, model)
+    if len(paths) > 1 or not compilation_possible() or not surely_cpu(device):
+        dev = pick_device(device)
+        return load_task_model(task, model, dev), dev
+    key = ("compiled", str(paths[0].resolve()), os.path.getmtime(paths[0]))
+    if key not in _MODEL_CACHE:
+        compiled = load_compiled(paths[0], cpu_threads())
+        if compiled is None:
+            compiled = _compile(task, model, log)
+        _check_task(compiled, task, paths[0])
+        _remember(key, compiled)
+    loaded = _MODEL_CACHE[key]
+    return loaded, ("cpu" if loaded.runtime == "onnxruntime" else pick_device("cpu"))
+
+
+def _compile(task: TaskSpec, model: str, log: Callable[[str], None]):
+    """The compiled model, compiled now from the torch one; the torch model itself when compiling fails."""
+    from KDSegmentationLib.inference.device import cpu_threads, pick_device
+    from KDSegmentationLib.models.onnx_export import compile_model
+
+    loaded = load_task_model(task, model, pick_device("cpu"))
+    compiled, message = compile_model(loaded, cpu_threads())
+    log(message)
+    return compiled or loaded
+
+
+def _check_task(loaded, task: TaskSpec, path) -> None:
+    if loaded.task != task.name:
+        raise InputError(f"model {path.name} was trained for task '{loaded.task}', not '{task.name}'")
+
+
+def _remember(key: tuple, loaded) -> None:
+    _MODEL_CACHE.clear()  # one model at a time keeps the worker's memory flat
+    _MODEL_CACHE[key] = loaded
 
 
 # ---------------------------------------------------------------------------------------------------------------

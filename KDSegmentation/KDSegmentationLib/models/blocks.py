@@ -11,6 +11,8 @@ networks pad at the end of each axis to their own multiple, and cropping every f
 the features of two networks with different multiples (teacher and student) the same size and aligned voxel for voxel.
 
 Plain torch only: the student must not import MONAI (importing it costs about 2 s of start-up on 2 CPU cores).
+While a network is traced for export (``models/onnx_export.py``) sizes are traced values, not ints: the helpers
+keep them symbolic then, so the exported graph accepts any input size.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple
     """
     size = tuple(x.shape[2:])
     extra = [(-n) % multiple for n in size]
-    if not any(extra):
+    if not torch.jit.is_tracing() and not any(extra):
         return x, size
     pads = []
     for e in reversed(extra):  # F.pad lists the last axis first
@@ -40,6 +42,10 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> Tuple[torch.Tensor, Tuple
 
 def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Crop the spatial axes of ``x`` (B, C, *spatial) to ``size`` (keeping the start of each axis)."""
+    if torch.jit.is_tracing():
+        for axis, n in enumerate(size):
+            x = x.narrow(2 + axis, 0, n)
+        return x
     if tuple(x.shape[2:]) == tuple(size):
         return x
     index = (slice(None), slice(None)) + tuple(slice(0, int(n)) for n in size)
@@ -54,9 +60,10 @@ def feature_size(size: Sequence[int], stride: int) -> Tuple[int, ...]:
 def upsample(x: torch.Tensor, size: Sequence[int], mode: str = "linear") -> torch.Tensor:
     """Resize (B, C, *spatial) to ``size``: mode 'linear' ((bi/tri)linear, smooth for thin structures) or 'nearest'
     (several times cheaper on large 3D maps)."""
+    size = tuple(size) if torch.jit.is_tracing() else tuple(int(n) for n in size)
     if mode == "linear":
         mode = "bilinear" if x.dim() == 4 else "trilinear"
-        return F.interpolate(x, size=tuple(int(n) for n in size), mode=mode, align_corners=False)
+        return F.interpolate(x, size=size, mode=mode, align_corners=False)
     if mode == "nearest":
-        return F.interpolate(x, size=tuple(int(n) for n in size), mode="nearest")
+        return F.interpolate(x, size=size, mode="nearest")
     raise ValueError(f"unknown upsampling mode {mode!r}; choose linear or nearest")

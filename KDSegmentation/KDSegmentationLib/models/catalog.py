@@ -6,14 +6,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List
 
 from KDSegmentationLib.errors import InputError
-from KDSegmentationLib.models.files import read_header
 from KDSegmentationLib.paths import MODEL_SUFFIX, shipped_models_dir, user_models_dir
 
 if TYPE_CHECKING:
     from KDSegmentationLib.tasks import TaskSpec
 
+# An ensemble is written as model names or files joined by this (``--model a.kdseg.pt,b.kdseg.pt``).
+SEPARATOR = ","
+
+
+def is_ensemble(spec: str) -> bool:
+    return SEPARATOR in str(spec)
+
+
+def members(spec: str) -> List[str]:
+    parts = [p.strip() for p in str(spec).split(SEPARATOR)]
+    if len(parts) < 2 or not all(parts):
+        raise InputError(f"ensemble {spec!r}: give two or more model files separated by commas")
+    return parts
+
 
 def _entries(folder: Path, source: str) -> List[Dict]:
+    from KDSegmentationLib.models.files import read_header  # torch: only listing needs it, not resolving
+
     out = []
     if not folder.is_dir():
         return out
@@ -92,6 +107,4 @@ def _named_model_candidates(model: str) -> List[Path]:
 
 def resolve_models(task: "TaskSpec", spec: str) -> List[Path]:
     """The model file(s) of ``spec``: one model (see :func:`resolve_model`) or an ensemble ``a,b,...`` of them."""
-    from KDSegmentationLib.models.ensemble import is_ensemble, members
-
     return [resolve_model(task, m) for m in members(spec)] if is_ensemble(spec) else [resolve_model(task, spec)]

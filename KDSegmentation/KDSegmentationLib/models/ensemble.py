@@ -14,20 +14,7 @@ import torch
 from torch import nn
 
 from KDSegmentationLib.errors import InputError
-
-SEPARATOR = ","
-
-
-def is_ensemble(spec: str) -> bool:
-    return SEPARATOR in str(spec)
-
-
-def members(spec: str) -> List[str]:
-    parts = [p.strip() for p in str(spec).split(SEPARATOR)]
-    if len(parts) < 2 or not all(parts):
-        raise InputError(f"ensemble {spec!r}: give two or more model files separated by commas")
-    return parts
-
+from KDSegmentationLib.models.catalog import SEPARATOR
 
 class EnsembleNetwork(nn.Module):
     """x (B, C, *S) -> log of the mean softmax (B, classes, *S) over the members and, with ``flips``, over the input

@@ -22,6 +22,7 @@ import torch
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.io.atomic import atomic_path
 from KDSegmentationLib.models.header_checks import clip_text, validate_header
+from KDSegmentationLib.models.header_view import HeaderView
 
 FORMAT = "kdseg-model/1"
 
@@ -83,33 +84,12 @@ def rewrite_header(path, preprocessing: Optional[Dict[str, Any]] = None,
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(HeaderView):
+    """A model file's network (torch, eval mode) and its validated header."""
     network: torch.nn.Module
     header: Dict[str, Any]
     path: Path
-
-    @property
-    def task(self) -> str:
-        return self.header["task"]
-
-    @property
-    def role(self) -> str:
-        return self.header.get("role", "model")
-
-    @property
-    def card(self) -> Dict[str, Any]:
-        return self.header.get("card", {})
-
-    @property
-    def decision_threshold(self) -> float:
-        """Foreground probability at or above which a binary model's voxel is labelled (``kdseg calibrate``)."""
-        return float((self.header.get("preprocessing") or {}).get("decision_threshold", 0.5))
-
-    @property
-    def withheld_labels(self) -> Dict[int, str]:
-        """Label value -> why the model does not offer it (its measured accuracy is below the product's bar)."""
-        withheld = (self.header.get("preprocessing") or {}).get("withheld_labels") or {}
-        return {int(k): str(v) for k, v in withheld.items()}
+    runtime: str = "torch"
 
 
 def read_header(path) -> Dict[str, Any]:

@@ -88,12 +88,14 @@ def _close(a: Any, b: Any) -> bool:
     return _is_number(a) and abs(float(a) - float(b)) <= 1e-6 * max(1.0, abs(float(b)))
 
 
-def validate_header(header: Any, path, what: str = "", remedy: str = "reinstall or retrain it") -> Dict[str, Any]:
+def validate_header(header: Any, path, what: str = "", remedy: str = "reinstall or retrain it",
+                    compiled: bool = False) -> Dict[str, Any]:
     """Check every header field's type and range, and its agreement with the task registry; returns the header.
 
     Raises :class:`InputError` naming the first problem. Runs before any network is built, so a crafted header
     cannot make the loader allocate more than ``MAX_PARAMETERS`` weights. ``what`` and ``remedy`` word the message
-    for other callers (a training run's own architecture options).
+    for other callers (a training run's own architecture options). ``compiled=True`` skips the architecture checks,
+    which need torch, for a compiled model: its network is the graph checked against torch when it was compiled.
     """
     what = what or f"model file {path} has an invalid header"
 
@@ -101,10 +103,10 @@ def validate_header(header: Any, path, what: str = "", remedy: str = "reinstall 
         return InputError(f"{what}: {problem}; {remedy}")
 
     task = _checked_task(header, bad)
-    arch, args = _checked_architecture(header, task, bad)
     _check_preprocessing(header.get("preprocessing") or {}, task, bad)
     _check_labels(header.get("labels", {}), task, bad)
-    _check_parameter_count(arch, args, bad)
+    if not compiled:
+        _check_parameter_count(*_checked_architecture(header, task, bad), bad)
     return header
 
 

@@ -128,7 +128,8 @@ def default_losses(cfg: TrainConfig) -> str:
 
 def _load(path: str, what: str, task: TaskSpec, device: torch.device):
     """A model file, or for ``a,b,...`` an ensemble of them (see :mod:`models.ensemble`)."""
-    from KDSegmentationLib.models.ensemble import is_ensemble, load_ensemble, members
+    from KDSegmentationLib.models.catalog import is_ensemble, members
+    from KDSegmentationLib.models.ensemble import load_ensemble
     from KDSegmentationLib.models.files import load_model
 
     loaded = load_ensemble(members(path), device=str(device)) if is_ensemble(path) else \
