@@ -20,5 +20,6 @@ GOLDEN = json.loads(record_golden.GOLDEN_FILE.read_text())
 def test_sample_output_equals_golden(key, tmp_path):
     task, model = key.split("/")
     produced = record_golden.segment_sample(task, model, tmp_path)
+    assert produced["runtime"] == GOLDEN[key]["runtime"]
     assert produced["labelmap"] == GOLDEN[key]["labelmap"]
     assert produced["segments"] == GOLDEN[key]["segments"]

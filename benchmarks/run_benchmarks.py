@@ -112,7 +112,7 @@ def machine_description(threads: int) -> dict:
     except OSError:
         pass
     versions = {}
-    for pkg in ("torch", "monai", "SimpleITK", "numpy", "scipy"):
+    for pkg in ("torch", "monai", "SimpleITK", "numpy", "scipy", "onnxruntime"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -304,18 +304,35 @@ import KDSegmentationLib.cli.main as cli
 from KDSegmentationLib.cli.arguments import set_threads
 t1 = time.perf_counter()
 cli.tune_malloc()
-import torch
-t2 = time.perf_counter()
 import SimpleITK
-t3 = time.perf_counter()
+t2 = time.perf_counter()
 from KDSegmentationLib import tasks
 from KDSegmentationLib.inference import segment as infer
 set_threads(int(sys.argv[3]))
-loaded = infer.load_task_model(tasks.get_task(sys.argv[1]), sys.argv[2], torch.device("cpu"))
-t4 = time.perf_counter()
-print(json.dumps({"import_cli_s": t1 - t0, "import_torch_s": t2 - t1, "import_sitk_s": t3 - t2,
-                  "model_load_s": t4 - t3, "in_process_s": t4 - t0, "monai_imported": "monai" in sys.modules}))
+loaded, _ = infer.load_for_inference(tasks.get_task(sys.argv[1]), sys.argv[2], "cpu", log=lambda m: None)
+t3 = time.perf_counter()
+print(json.dumps({"import_cli_s": t1 - t0, "import_sitk_s": t2 - t1, "model_load_s": t3 - t2,
+                  "in_process_s": t3 - t0, "monai_imported": "monai" in sys.modules,
+                  "torch_imported": "torch" in sys.modules, "runtime": loaded.runtime}))
 """
+
+
+def compile_models(models, tasks) -> Dict[str, Dict[str, str]]:
+    """Each model's runtime on the CPU, compiling it first when it has no compiled form yet (what its first use
+    does): the timed runs then measure the steady state a clinician sees from the second run on."""
+    from KDSegmentationLib.inference import segment as infer
+    from KDSegmentationLib.tasks import get_task
+
+    out: Dict[str, Dict[str, str]] = {}
+    for task in tasks:
+        for role in ROLES:
+            m = models[task][role]
+            if m is not None:
+                loaded, _ = infer.load_for_inference(get_task(task), m["path"], "cpu", log=log)
+                out.setdefault(task, {})[role] = loaded.runtime
+    infer._MODEL_CACHE.clear()
+    log(f"runtimes on the CPU: {out}")
+    return out
 
 
 def bench_startup(models, tasks, repeats: int, threads: int) -> dict:
@@ -352,8 +369,10 @@ def bench_startup(models, tasks, repeats: int, threads: int) -> dict:
             out["worker"].setdefault(task, {})[role] = {
                 "runs": runs, "wall_s": stats([x["wall_s"] for x in ok]),
                 "parts_median_s": {k: statistics.median(x[k] for x in ok) for k in
-                                   ("import_cli_s", "import_torch_s", "import_sitk_s", "model_load_s")} if ok else None,
+                                   ("import_cli_s", "import_sitk_s", "model_load_s")} if ok else None,
                 "monai_imported": ok[0]["monai_imported"] if ok else None,
+                "torch_imported": ok[0]["torch_imported"] if ok else None,
+                "runtime": ok[0]["runtime"] if ok else None,
                 "peak_rss_b": stats([x["peak_rss_b"] for x in ok])}
             log(f"start-up: {task} {role}: {_fmt_stats(out['worker'][task][role]['wall_s'])}")
     return out
@@ -477,6 +496,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
 
     from KDSegmentationLib.cli.segment import run_segment
     from KDSegmentationLib.inference import segment as infer
+    from KDSegmentationLib.models.files import load_model
     from KDSegmentationLib.tasks import get_task
 
     dev = torch.device(device)
@@ -487,13 +507,18 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
         torch.cuda.reset_peak_memory_stats()
     rss_reset = _reset_peak_rss() if not cuda else False
     t0 = time.perf_counter()
-    loaded = infer.load_task_model(get_task(task), model_path, dev)
+    loaded, _ = infer.load_for_inference(get_task(task), model_path, device, log=log)  # as a request loads it
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
+    # the torch network: its forward shapes (hooked), the model-only timing and the FLOPs
+    network = loaded.network if loaded.runtime == "torch" else load_model(model_path).network
 
     calls: List[tuple] = []
-    hook = loaded.network.register_forward_pre_hook(lambda mod, a: calls.append(tuple(a[0].shape)))
+    if loaded.runtime == "torch":
+        hook = network.register_forward_pre_hook(lambda mod, a: calls.append(tuple(a[0].shape)))
+    else:
+        hook = _count_compiled_calls(loaded.network, calls)
 
     def once(inp, out):
         seed = tuple(inp["seed_ras"]) if inp.get("seed_ras") else None
@@ -517,7 +542,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
             wall, timings = once(inp, out_dir / f"warm_{task}_{role}_{i}.seg.nrrd")
             runs[inp["name"]].append({"wall_s": wall, "timings_s": timings})
     result = {
-        "device": device, "model_load_s": load_s, "first_call_s": first_s, "first_call_timings_s": first_t,
+        "device": device, "runtime": loaded.runtime, "model_load_s": load_s, "first_call_s": first_s, "first_call_timings_s": first_t,
         "forward_input_shapes": [list(s) for s in forward_shapes], "per_input": {}}
     for name, rs in runs.items():
         result["per_input"][name] = {
@@ -528,8 +553,24 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
         result["cuda_max_memory_allocated_b"] = torch.cuda.max_memory_allocated()
     elif rss_reset:
         result["process_peak_rss_b"] = _peak_rss_b()
-    result["_network"] = loaded.network  # used by the model-only benchmark, dropped before writing
+    result["_network"] = network  # used by the model-only benchmark, dropped before writing
     return result
+
+
+class _count_compiled_calls:
+    """Records the input shape of each compiled forward (as a torch forward hook does) until ``remove()``."""
+
+    def __init__(self, compiled, calls: List[tuple]):
+        self.compiled, self.real = compiled, compiled.probabilities
+
+        def recording(x):
+            calls.append(tuple(x.shape))
+            return self.real(x)
+
+        compiled.probabilities = recording
+
+    def remove(self) -> None:
+        self.compiled.probabilities = self.real
 
 
 def count_flops(net, shape) -> dict:
@@ -821,11 +862,15 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{(m['memory_b'] or 0) / GB:.0f} GB RAM; load average at start {m['load_average_at_start'][0]:.2f}, "
          f"at end {res['load_average_at_end'][0]:.2f}",
          f"- Software: Python {m['python']}, torch {m['versions'].get('torch')}, MONAI {m['versions'].get('monai')}, "
-         f"SimpleITK {m['versions'].get('SimpleITK')}, numpy {m['versions'].get('numpy')}; torch threads "
+         f"SimpleITK {m['versions'].get('SimpleITK')}, numpy {m['versions'].get('numpy')}, onnxruntime "
+         f"{m['versions'].get('onnxruntime')}; torch threads "
          f"{m['torch_threads_used']}; commit {str(m['git_commit'])[:10]}"
          + (" (engine modified)" if m.get("engine_modified_since_commit") else ""),
          f"- Models: {cfg['models_source']}; repeats {cfg['repeats']} (teacher on liver: "
-         f"{cfg['teacher_repeats']['liver']})" + ("; QUICK run" if cfg["quick"] else "")
+         f"{cfg['teacher_repeats']['liver']})" + ("; QUICK run" if cfg["quick"] else ""),
+         f"- Runtime on the CPU (KDSEG_RUNTIME={cfg.get('runtime_env', 'auto')}): "
+         + ", ".join(f"{t} {r} {rt}" for t, per in (cfg.get("runtimes") or {}).items() for r, rt in per.items())
+         + "; compiled forms made before timing (a model's first use compiles it once: see `models/compiled.py`)"
          + ("; SMOKE run on tiny inputs, not a benchmark" if cfg["smoke"] else ""),
          f"- GPU: {res['gpu'].get('device_name') if res['gpu'].get('available') else 'no GPU in this environment'}",
          ""]
@@ -845,7 +890,7 @@ def write_markdown(res: dict, path: Path) -> None:
           "Seconds, median (min-max) over repeats. *fresh*: wall time of one `kdseg segment` process, measured "
           "outside; *start/exit*: the part of it outside the engine's own clock (interpreter start, CLI import, "
           "argument parsing, interpreter exit); stages as reported by the result event (imports done inside a "
-          "stage count in that stage: torch in model load, MONAI in model load for teachers); *other*: engine "
+          "stage count in that stage: torch in model load when torch runs the model); *other*: engine "
           "time between stages (imports of SimpleITK and the pipeline); *peak RSS*: of that process; *warm*: one "
           "request to a warm worker (model loaded, after a warm-up run); *model-only*: one forward on the "
           "model-grid input, ms.", ""]
@@ -899,8 +944,9 @@ def write_markdown(res: dict, path: Path) -> None:
         for role, s in per_role.items():
             p = s.get("parts_median_s") or {}
             parts = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}" for k, v in p.items())
-            L.append(f"| worker start-up {task} {role} (imports + model load; MONAI loaded: "
-                     f"{s.get('monai_imported')}) | {_range(s.get('wall_s'))} ({parts}) |")
+            L.append(f"| worker start-up {task} {role} (imports + model load; {s.get('runtime')}; torch loaded: "
+                     f"{s.get('torch_imported')}; MONAI loaded: {s.get('monai_imported')}) | {_range(s.get('wall_s'))} "
+                     f"({parts}) |")
     L.append("")
 
     g = res["gpu"]
@@ -1031,6 +1077,8 @@ def main(argv=None) -> int:
             notes.append(f"the liver teacher runs {teacher_cap['liver']} time(s) per input instead of {repeats} "
                          "(it dominates the benchmark's run time)")
 
+        config["runtime_env"] = os.environ.get("KDSEG_RUNTIME", "auto")
+        config["runtimes"] = compile_models(models, tasks)
         log("start-up")
         startup = bench_startup(models, tasks, repeats, args.threads)
         log("end to end (fresh process per run)")
