@@ -183,3 +183,35 @@ def test_normalise_is_resolution_independent(shared_data):
     inner = ndi.binary_erosion(m & np.asarray(Image.fromarray(mb).resize((w, h))), iterations=8)
     r = np.corrcoef(a[inner], b_small[inner])[0, 1]
     assert r > 0.9, r
+
+
+def test_fill_holes_equals_scipy_in_2d_and_3d():
+    from KDSegmentationLib.tasks.components import fill_holes
+
+    rng = np.random.default_rng(0)
+    for shape in [(50, 60), (7, 30, 40), (1, 1), (3, 1), (200, 300)]:
+        for density in (0.3, 0.5, 0.7):
+            mask = rng.random(shape) < density
+            mask = ndi.binary_opening(mask) if min(shape) > 2 else mask
+            np.testing.assert_array_equal(fill_holes(mask), ndi.binary_fill_holes(mask))
+    ring = np.zeros((9, 9), bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # a hole
+    ring[0, :] = True
+    ring[1, 8] = False  # background at the border stays background
+    filled = fill_holes(ring)
+    assert filled[4, 4] and not filled[1, 8] and not filled[8, 0]
+
+
+def test_upsampling_from_the_coarse_grid_interpolates_block_centres_linearly():
+    rng = np.random.default_rng(1)
+    coarse = rng.normal(size=(5, 7)).astype(np.float32)
+    k, shape = 4, (19, 26)  # not whole blocks: the last row and column of blocks are partial
+
+    def by_interp(values, n_out):  # np.interp between block centres (i k + (k - 1) / 2), clamped at the ends
+        x = (np.arange(n_out) - (k - 1) / 2.0) / k
+        return np.interp(x, np.arange(values.size), values)
+
+    rows = np.stack([by_interp(coarse[:, j], shape[0]) for j in range(coarse.shape[1])], axis=1)
+    expected = np.stack([by_interp(rows[i], shape[1]) for i in range(shape[0])])
+    np.testing.assert_allclose(fundus._upsample(coarse, shape, k), expected, atol=1e-5)

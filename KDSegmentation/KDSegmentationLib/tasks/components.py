@@ -84,3 +84,21 @@ def select_component(mask: np.ndarray, seed: Sequence[int], spacing_mm: Sequence
             return np.zeros(mask.shape, np.uint8)
         keep = labels[tuple(idx[best])]
     return (labels == keep).astype(np.uint8)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its holes filled: every background region that does not reach the array's border, regions
+    being 4-/6-connected (2D/3D), as ``scipy.ndimage.binary_fill_holes`` defines them. Labels the background once
+    (ITK, multi-threaded) instead of dilating from the border until nothing changes (several times faster)."""
+    import SimpleITK as sitk
+
+    mask = np.asarray(mask, dtype=bool)
+    regions = sitk.ConnectedComponent(sitk.GetImageFromArray((~mask).view(np.uint8)), False)
+    labels = sitk.GetArrayViewFromImage(regions)  # a view: ``regions`` must outlive it
+    outside = np.zeros(int(labels.max()) + 1, bool)
+    for axis in range(labels.ndim):
+        for end in (0, -1):
+            outside[np.take(labels, end, axis=axis)] = True
+    is_hole = ~outside
+    is_hole[0] = False
+    return mask | is_hole[labels]

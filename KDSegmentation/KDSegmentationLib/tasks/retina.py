@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 
 from KDSegmentationLib.tasks import TaskSpec
 from KDSegmentationLib.tasks.base import InputGridOutput, NetworkInput, TaskPipeline
-from KDSegmentationLib.tasks.components import largest_component
+from KDSegmentationLib.tasks.components import fill_holes, largest_component
 
 # FOV threshold between the dark surround and the retina, as a fraction of the way from one level to the other.
 FOV_LEVEL_FRACTION = 0.25
@@ -56,7 +56,7 @@ def fov_mask(rgb: np.ndarray) -> np.ndarray:
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"expected an (H, W, 3) RGB array, got shape {rgb.shape}")
     h, w = rgb.shape[:2]
-    bright = rgb[..., :3].max(axis=2).astype(np.float32)
+    bright = np.maximum(np.maximum(rgb[..., 0], rgb[..., 1]), rgb[..., 2]).astype(np.float32)  # 15x max(axis=2)
     size = max(3, (min(h, w) // 120) | 1)
     bright = ndi.uniform_filter(bright, size)
     t0 = _otsu(np.clip(bright, 0, 255).astype(np.uint8))
@@ -71,7 +71,7 @@ def fov_mask(rgb: np.ndarray) -> np.ndarray:
     # opening removes thin bright artefacts touching the disc (camera text, reflections) before picking the disc
     mask = ndi.binary_opening(mask, iterations=2)
     mask = largest_component(mask)
-    return ndi.binary_fill_holes(mask)
+    return fill_holes(mask)
 
 
 def fov_diameter(mask: np.ndarray) -> float:
@@ -99,18 +99,21 @@ def _block_sums(a: np.ndarray, k: int) -> np.ndarray:
     return a.reshape(c, hp // k, k, wp).sum(axis=2).reshape(c, hp // k, wp // k, k).sum(axis=3)
 
 
-def _upsample_matrix(n_out: int, n_in: int, k: int) -> np.ndarray:
-    """(n_out, n_in) linear interpolation from block centres (i k + (k - 1) / 2) back to every pixel."""
-    x = (np.arange(n_out) - (k - 1) / 2.0) / k
-    x = np.clip(x, 0, n_in - 1)
-    i0 = np.floor(x).astype(int)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    f = (x - i0).astype(np.float32)
-    m = np.zeros((n_out, n_in), dtype=np.float32)
-    rows = np.arange(n_out)
-    m[rows, i0] += 1.0 - f
-    m[rows, i1] += f
-    return m
+def _linear_taps(n_out: int, n_in: int, k: int):
+    """Linear interpolation from block centres (i k + (k - 1) / 2) back to every pixel: for each of the ``n_out``
+    pixels its two coarse neighbours (i0, i1) and the weight ``f`` of i1 (float32)."""
+    x = np.clip((np.arange(n_out) - (k - 1) / 2.0) / k, 0, n_in - 1)
+    i0 = np.floor(x).astype(np.intp)
+    return i0, np.minimum(i0 + 1, n_in - 1), (x - i0).astype(np.float32)
+
+
+def _upsample(a: np.ndarray, shape_hw: Tuple[int, int], k: int) -> np.ndarray:
+    """(hc, wc) coarse grid of block size ``k`` -> (H, W) float32, separable linear interpolation (two taps per
+    axis: gathers, not a dense interpolation matrix)."""
+    r0, r1, fr = _linear_taps(shape_hw[0], a.shape[0], k)
+    c0, c1, fc = _linear_taps(shape_hw[1], a.shape[1], k)
+    rows = a[r0] * (1.0 - fr)[:, None] + a[r1] * fr[:, None]
+    return rows[:, c0] * (1.0 - fc) + rows[:, c1] * fc
 
 
 def _smooth_ratio(num: np.ndarray, den: np.ndarray, sigma: float) -> np.ndarray:
@@ -196,15 +199,11 @@ def _inverse_local_std(bg, s_w, s_x, s_xx, d: float, k: int):
 def _normalised(x: np.ndarray, bg, inv_std, outside: np.ndarray, k: int, q: int) -> np.ndarray:
     """(x - background) / local std, upsampled from the coarse grids, clipped, 0 in the ``outside`` band."""
     h, w = x.shape[1:]
-    up_r = _upsample_matrix(h, bg.shape[1], k)
-    up_c = np.ascontiguousarray(_upsample_matrix(w, bg.shape[2], k).T)
-    up_r2 = _upsample_matrix(h, inv_std.shape[1], k * q)
-    up_c2 = np.ascontiguousarray(_upsample_matrix(w, inv_std.shape[2], k * q).T)
     out = np.empty((3, h, w), dtype=np.float32)
     for c in range(3):
         o = out[c]
-        np.subtract(x[c], up_r @ bg[c] @ up_c, out=o)
-        o *= up_r2 @ inv_std[c] @ up_c2
+        np.subtract(x[c], _upsample(bg[c], (h, w), k), out=o)
+        o *= _upsample(inv_std[c], (h, w), k * q)
         np.clip(o, -CLIP, CLIP, out=o)
         o[outside] = 0.0
     return out
