@@ -67,8 +67,31 @@ def child_env() -> dict:
     return env
 
 
+# A child's ru_maxrss (wait4) also counts the pages its parent had when it forked, before exec: a small child of
+# this (large) process would report this process's size. VmHWM of the child's own memory map resets at exec, so
+# Python children run through this wrapper, which reports it at exit.
+_PEAK_WRAPPER = r"""
+import atexit, runpy, sys
+def _peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("\nKDSEG_PEAK_RSS_KB " + line.split()[1] + "\n")
+atexit.register(_peak)
+if sys.argv[1] == "-m":
+    sys.argv = [sys.argv[2]] + sys.argv[3:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    code, sys.argv = sys.argv[2], ["-c"] + sys.argv[3:]
+    exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+"""
+
+
 def run_child(cmd: List[str], timeout: float = 1800.0) -> dict:
-    """Run a command; wall time measured here, peak RSS and CPU time of that child from wait4()."""
+    """Run a command; wall time measured here, CPU time from wait4(), peak RSS from the child's own VmHWM (Python
+    children) or wait4()."""
+    wrapped = cmd[0] == sys.executable and len(cmd) > 2 and cmd[1] in ("-m", "-c") and sys.platform == "linux"
+    if wrapped:
+        cmd = [cmd[0], "-c", _PEAK_WRAPPER] + cmd[1:]
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=child_env(), cwd=str(REPO))
@@ -79,7 +102,11 @@ def run_child(cmd: List[str], timeout: float = 1800.0) -> dict:
         p.stdout.close()
         err.seek(0)
         stderr = err.read().decode("utf-8", "replace")
-    return {"rc": p.returncode, "wall_s": wall, "peak_rss_b": ru.ru_maxrss * 1024, "cpu_s": ru.ru_utime + ru.ru_stime,
+    peak = ru.ru_maxrss * 1024
+    if wrapped and "KDSEG_PEAK_RSS_KB " in stderr:
+        head, _, tail = stderr.rpartition("KDSEG_PEAK_RSS_KB ")
+        peak, stderr = int(tail.split()[0]) * 1024, head.rstrip("\n")
+    return {"rc": p.returncode, "wall_s": wall, "peak_rss_b": peak, "cpu_s": ru.ru_utime + ru.ru_stime,
             "stdout": out.decode("utf-8", "replace"), "stderr": stderr}
 
 
@@ -304,33 +331,43 @@ import KDSegmentationLib.cli.main as cli
 from KDSegmentationLib.cli.arguments import set_threads
 t1 = time.perf_counter()
 cli.tune_malloc()
-import SimpleITK
+import torch
 t2 = time.perf_counter()
+import SimpleITK
+t3 = time.perf_counter()
 from KDSegmentationLib import tasks
 from KDSegmentationLib.inference import segment as infer
 set_threads(int(sys.argv[3]))
-loaded, _ = infer.load_for_inference(tasks.get_task(sys.argv[1]), sys.argv[2], "cpu", log=lambda m: None)
-t3 = time.perf_counter()
-print(json.dumps({"import_cli_s": t1 - t0, "import_sitk_s": t2 - t1, "model_load_s": t3 - t2,
-                  "in_process_s": t3 - t0, "monai_imported": "monai" in sys.modules,
-                  "torch_imported": "torch" in sys.modules, "runtime": loaded.runtime}))
+loaded, _ = infer.load_for_inference(tasks.get_task(sys.argv[1]), sys.argv[2], "cpu", compiled=False)
+t4 = time.perf_counter()
+print(json.dumps({"import_cli_s": t1 - t0, "import_torch_s": t2 - t1, "import_sitk_s": t3 - t2,
+                  "model_load_s": t4 - t3, "in_process_s": t4 - t0, "monai_imported": "monai" in sys.modules,
+                  "runtime": loaded.runtime}))
+"""
+
+
+_COMPILE_CODE = r"""
+import json, sys
+from KDSegmentationLib import tasks
+from KDSegmentationLib.inference import segment as infer
+loaded, _ = infer.load_for_inference(tasks.get_task(sys.argv[1]), sys.argv[2], "cpu", log=print)
+print(json.dumps({"runtime": loaded.runtime}))
 """
 
 
 def compile_models(models, tasks) -> Dict[str, Dict[str, str]]:
     """Each model's runtime on the CPU, compiling it first when it has no compiled form yet (what its first use
-    does): the timed runs then measure the steady state a clinician sees from the second run on."""
-    from KDSegmentationLib.inference import segment as infer
-    from KDSegmentationLib.tasks import get_task
-
+    does): the timed runs then measure the steady state a clinician sees from the second run on. In a child process:
+    this process must stay small, because a child's peak RSS counts the parent's pages from before its exec."""
     out: Dict[str, Dict[str, str]] = {}
     for task in tasks:
         for role in ROLES:
             m = models[task][role]
             if m is not None:
-                loaded, _ = infer.load_for_inference(get_task(task), m["path"], "cpu", log=log)
-                out.setdefault(task, {})[role] = loaded.runtime
-    infer._MODEL_CACHE.clear()
+                r = run_child([sys.executable, "-c", _COMPILE_CODE, task, m["path"]])
+                lines = r["stdout"].strip().splitlines()
+                out.setdefault(task, {})[role] = json.loads(lines[-1])["runtime"] if r["rc"] == 0 else \
+                    f"failed: {_last_line(r['stderr'])}"
     log(f"runtimes on the CPU: {out}")
     return out
 
@@ -369,9 +406,8 @@ def bench_startup(models, tasks, repeats: int, threads: int) -> dict:
             out["worker"].setdefault(task, {})[role] = {
                 "runs": runs, "wall_s": stats([x["wall_s"] for x in ok]),
                 "parts_median_s": {k: statistics.median(x[k] for x in ok) for k in
-                                   ("import_cli_s", "import_sitk_s", "model_load_s")} if ok else None,
+                                   ("import_cli_s", "import_torch_s", "import_sitk_s", "model_load_s")} if ok else None,
                 "monai_imported": ok[0]["monai_imported"] if ok else None,
-                "torch_imported": ok[0]["torch_imported"] if ok else None,
                 "runtime": ok[0]["runtime"] if ok else None,
                 "peak_rss_b": stats([x["peak_rss_b"] for x in ok])}
             log(f"start-up: {task} {role}: {_fmt_stats(out['worker'][task][role]['wall_s'])}")
@@ -507,7 +543,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
         torch.cuda.reset_peak_memory_stats()
     rss_reset = _reset_peak_rss() if not cuda else False
     t0 = time.perf_counter()
-    loaded, _ = infer.load_for_inference(get_task(task), model_path, device, log=log)  # as a request loads it
+    loaded, _ = infer.load_for_inference(get_task(task), model_path, device, log=log, compiled=False)  # as serve
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -870,7 +906,8 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{cfg['teacher_repeats']['liver']})" + ("; QUICK run" if cfg["quick"] else ""),
          f"- Runtime on the CPU (KDSEG_RUNTIME={cfg.get('runtime_env', 'auto')}): "
          + ", ".join(f"{t} {r} {rt}" for t, per in (cfg.get("runtimes") or {}).items() for r, rt in per.items())
-         + "; compiled forms made before timing (a model's first use compiles it once: see `models/compiled.py`)"
+         + " in one-shot `kdseg segment` processes (compiled before timing: a model's first use compiles it once, "
+         "`models/compiled.py`); torch in the warm worker"
          + ("; SMOKE run on tiny inputs, not a benchmark" if cfg["smoke"] else ""),
          f"- GPU: {res['gpu'].get('device_name') if res['gpu'].get('available') else 'no GPU in this environment'}",
          ""]
@@ -944,9 +981,8 @@ def write_markdown(res: dict, path: Path) -> None:
         for role, s in per_role.items():
             p = s.get("parts_median_s") or {}
             parts = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}" for k, v in p.items())
-            L.append(f"| worker start-up {task} {role} (imports + model load; {s.get('runtime')}; torch loaded: "
-                     f"{s.get('torch_imported')}; MONAI loaded: {s.get('monai_imported')}) | {_range(s.get('wall_s'))} "
-                     f"({parts}) |")
+            L.append(f"| worker start-up {task} {role} (imports + model load; {s.get('runtime')}; MONAI loaded: "
+                     f"{s.get('monai_imported')}) | {_range(s.get('wall_s'))} ({parts}) |")
     L.append("")
 
     g = res["gpu"]

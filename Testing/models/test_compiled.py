@@ -74,8 +74,12 @@ def test_a_compiled_model_belongs_to_the_exact_bytes_of_its_model_file(tmp_path)
     assert load_compiled(path) is not None
     info = json.loads(compiled_paths(path, file_digest(path))[1].read_text())
     assert info["source_sha256"] == file_digest(path) and info["max_abs_softmax_diff"] <= TOLERANCE
+    old_graph = compiled_paths(path, file_digest(path))[0]
     rewrite_header(path, card={"name": "recalibrated"})  # same weights, other bytes: the old graph must not be used
     assert load_compiled(path) is None
+    compile_model(load_model(path))
+    assert load_compiled(path) is not None and not old_graph.exists()  # one graph per model name in the cache
+    assert sorted(p.suffix for p in old_graph.parent.glob("r-*")) == [".json", ".onnx"]
 
 
 def test_a_damaged_graph_is_never_run_and_is_compiled_again(tmp_path):
@@ -111,7 +115,7 @@ def test_a_model_that_fails_to_compile_runs_with_torch_and_leaves_no_graph(tmp_p
     assert not description.exists() and not graph.exists() and not any(graph.parent.glob("*.tmp*"))
 
 
-def test_torch_is_used_when_asked_for_on_a_gpu_machine_and_for_ensembles(tmp_path, monkeypatch):
+def test_torch_is_used_by_workers_when_asked_for_on_a_gpu_machine_and_for_ensembles(tmp_path, monkeypatch):
     import KDSegmentationLib.inference.device as device_module
 
     torch.manual_seed(0)
@@ -119,6 +123,7 @@ def test_torch_is_used_when_asked_for_on_a_gpu_machine_and_for_ensembles(tmp_pat
     b = save_tiny_student("retina", tmp_path / "b.kdseg.pt")
     task = get_task("retina")
     assert load_for_inference(task, f"{a},{b}", "cpu")[0].role == "ensemble"
+    assert load_for_inference(task, str(a), "cpu", compiled=False)[0].runtime == "torch"  # a persistent worker
     monkeypatch.setenv("KDSEG_RUNTIME", "torch")
     assert load_for_inference(task, str(a), "cpu")[0].runtime == "torch"
     monkeypatch.delenv("KDSEG_RUNTIME")
@@ -144,7 +149,7 @@ def test_the_sliding_window_blends_the_compiled_logits_as_torch_does(tmp_path, m
 FRESH_RUN = """
 import json, sys
 from KDSegmentationLib.cli.segment import run_segment
-summary = run_segment("liver", sys.argv[1], sys.argv[2], device="auto")
+summary = run_segment("liver", sys.argv[1], sys.argv[2], device="auto", one_shot=True)
 print(json.dumps({"runtime": summary["runtime"], "torch_imported": "torch" in sys.modules}))
 """
 

@@ -13,8 +13,12 @@ from KDSegmentationLib.inference.device import DEVICE_CHOICES
 from KDSegmentationLib.progress import PROGRESS_MODES
 
 def run_segment(task_name: str, input_path: str, output_path: str, model: str = "student", device: str = "auto",
-                seed_ras=None, threads: Optional[int] = None, progress=None) -> dict:
-    """Segment one image and write the result; returns the summary (the ``result`` event's payload)."""
+                seed_ras=None, threads: Optional[int] = None, progress=None, one_shot: bool = False) -> dict:
+    """Segment one image and write the result; returns the summary (the ``result`` event's payload).
+
+    ``one_shot``: this process segments and exits (``kdseg segment``, ``demo``), so a compiled model that spares
+    torch's import is preferred; a persistent worker runs torch (see :func:`inference.segment.load_for_inference`).
+    """
     from KDSegmentationLib.inference.segment import load_for_inference, segment_image
     from KDSegmentationLib.io.segmentations import write_segmentation
     from KDSegmentationLib.progress import Progress
@@ -28,7 +32,7 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     set_threads(threads)
-    loaded, dev = load_for_inference(task, model, device, log=lambda m: progress.log(m, "info"))
+    loaded, dev = load_for_inference(task, model, device, log=lambda m: progress.log(m, "info"), compiled=one_shot)
     timings["model_load"] = time.perf_counter() - t0
     result = segment_image(image, task, loaded, dev, seed_ras=seed_ras,
                            progress=lambda stage, f: progress.progress(stage, f))
@@ -104,7 +108,8 @@ def cmd_segment(args) -> int:
 
     progress = Progress(args.progress)
     summary = run_segment(args.task, args.input, args.output, model=args.model, device=args.device,
-                          seed_ras=parse_seed(args.seed_ras), threads=args.threads, progress=progress)
+                          seed_ras=parse_seed(args.seed_ras), threads=args.threads, progress=progress,
+                          one_shot=True)
     if progress.mode == "json":
         progress.result(**summary)
     else:
@@ -132,7 +137,7 @@ def cmd_demo(args) -> int:
         seed = info.get("seed_ras")
         out = out_dir / f"{name}.seg.nrrd"
         summary = run_segment(name, info["path"], str(out), model=args.model, device=args.device,
-                              seed_ras=tuple(seed) if seed else None, threads=args.threads)
+                              seed_ras=tuple(seed) if seed else None, threads=args.threads, one_shot=True)
         print(format_summary(summary), flush=True)
     return 0
 

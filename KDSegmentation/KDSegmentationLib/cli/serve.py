@@ -26,7 +26,9 @@ MAX_FIELD_CHARS = 4096
 
 def cmd_serve(args) -> int:
     """Answer requests until ``quit`` or end of input. Start-up (imports, model load) is paid once per session
-    instead of once per run; torch is imported by the first request that needs it (a compiled student does not)."""
+    instead of once per run."""
+    import torch  # noqa: F401  (import once, up front: that is the point of the persistent process)
+
     set_threads(args.threads)
     out = sys.stdout
     out.write(json.dumps({P.EVENT: P.EVENT_LOG, P.LEVEL: P.LEVEL_INFO, P.MESSAGE: P.READY_MESSAGE}) + "\n")

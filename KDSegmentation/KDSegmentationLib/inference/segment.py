@@ -43,16 +43,19 @@ def load_task_model(task: TaskSpec, model: str, device) -> "object":
     return _MODEL_CACHE[key]
 
 
-def load_for_inference(task: TaskSpec, model: str, device: str = "auto", log: Callable[[str], None] = print):
-    """(model, device) the fastest way this machine allows: on the CPU, a single model's compiled form through ONNX
-    Runtime (compiled on first use, see :mod:`models.compiled`), without importing torch when it already exists;
-    otherwise torch on the device :func:`pick_device` chooses. ``log`` hears about compiling."""
+def load_for_inference(task: TaskSpec, model: str, device: str = "auto", log: Callable[[str], None] = print,
+                       compiled: bool = True):
+    """(model, device) for a request. With ``compiled`` (a one-shot process) and the CPU, a single model's compiled
+    form through ONNX Runtime (compiled on first use, see :mod:`models.compiled`): it is loaded without importing
+    torch, about 2 s less per run. Otherwise torch, on the device :func:`pick_device` chooses: a persistent worker
+    has paid torch's import once, and torch's own forward is faster there (channels-last 2D convolutions;
+    ``benchmarks/results/benchmarks.md``). ``log`` hears about compiling."""
     from KDSegmentationLib.inference.device import cpu_threads, pick_device, surely_cpu
     from KDSegmentationLib.models.catalog import resolve_models
     from KDSegmentationLib.models.compiled import compilation_possible, load_compiled
 
     paths = resolve_models(task, model)
-    if len(paths) > 1 or not compilation_possible() or not surely_cpu(device):
+    if not compiled or len(paths) > 1 or not compilation_possible() or not surely_cpu(device):
         dev = pick_device(device)
         return load_task_model(task, model, dev), dev
     key = ("compiled", str(paths[0].resolve()), os.path.getmtime(paths[0]))

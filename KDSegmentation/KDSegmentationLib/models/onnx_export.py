@@ -65,6 +65,16 @@ def _max_difference(network: torch.nn.Module, compiled: OnnxNetwork, inputs) -> 
     return worst
 
 
+def _forget_others(graph: Path) -> None:
+    """Remove the compiled forms of earlier versions of a model of the same name (a retrained or recalibrated model
+    file): the cache holds one graph per model name, not one per version ever run. Another model file of the same
+    name is merely compiled again on its next use."""
+    stem = graph.stem.rsplit("-", 1)[0]
+    for old in graph.parent.glob(f"{stem}-*"):
+        if old.stem != graph.stem and old.suffix in (".onnx", ".json") and old.stem.rsplit("-", 1)[0] == stem:
+            old.unlink(missing_ok=True)
+
+
 def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[CompiledModel], str]:
     """(compiled model or None, a line saying what happened) for a torch :class:`LoadedModel` on the CPU."""
     model_path = Path(loaded.path)
@@ -85,5 +95,6 @@ def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[Compi
     except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: torch runs the model whatever happens
         return None, f"{model_path.name} runs with torch: compiling it for ONNX Runtime failed " \
                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+    _forget_others(graph)
     compiled = CompiledModel(network=OnnxNetwork(graph, threads), header=loaded.header, path=model_path)
     return compiled, f"{model_path.name} compiled for ONNX Runtime (max softmax difference to torch {diff:.1e})"
