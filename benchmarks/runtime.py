@@ -370,6 +370,9 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
+    from KDSegmentationLib.cli.main import tune_malloc
+
+    tune_malloc()  # as the engine's processes run torch (large 3D activations stay in the heap)
     torch.set_num_threads(args.threads)
     res = {"threads": args.threads, "runs": args.runs, "fresh": args.fresh, "tolerance": TOLERANCE,
            "machine": _machine(), "forward": [], "startup": {}, "export_notes": {}, "not_measured": []}
