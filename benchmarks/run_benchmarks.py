@@ -525,6 +525,10 @@ def _peak_rss_b() -> Optional[int]:
     return None
 
 
+# --warm-compiled: the warm worker runs compiled models as one-shot processes do (to compare the two runtimes warm)
+WARM_COMPILED = False
+
+
 def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats: int, device: str,
               tmp: Path) -> dict:
     """Load once, one warm-up run, then timed runs of cli.run_segment (what each `kdseg serve` request does)."""
@@ -543,7 +547,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
         torch.cuda.reset_peak_memory_stats()
     rss_reset = _reset_peak_rss() if not cuda else False
     t0 = time.perf_counter()
-    loaded, _ = infer.load_for_inference(get_task(task), model_path, device, log=log, compiled=False)  # as serve
+    loaded, _ = infer.load_for_inference(get_task(task), model_path, device, log=log, compiled=WARM_COMPILED)
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -559,7 +563,8 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
     def once(inp, out):
         seed = tuple(inp["seed_ras"]) if inp.get("seed_ras") else None
         t = time.perf_counter()
-        s = run_segment(task, inp["path"], str(out), model=model_path, device=device, seed_ras=seed)
+        s = run_segment(task, inp["path"], str(out), model=model_path, device=device, seed_ras=seed,
+                        one_shot=WARM_COMPILED)
         if cuda:
             torch.cuda.synchronize()
         return time.perf_counter() - t, s["timings_s"]
@@ -907,7 +912,7 @@ def write_markdown(res: dict, path: Path) -> None:
          f"- Runtime on the CPU (KDSEG_RUNTIME={cfg.get('runtime_env', 'auto')}): "
          + ", ".join(f"{t} {r} {rt}" for t, per in (cfg.get("runtimes") or {}).items() for r, rt in per.items())
          + " in one-shot `kdseg segment` processes (compiled before timing: a model's first use compiles it once, "
-         "`models/compiled.py`); torch in the warm worker"
+         f"`models/compiled.py`); warm worker: {cfg.get('warm_worker_runtime', 'torch')}"
          + ("; SMOKE run on tiny inputs, not a benchmark" if cfg["smoke"] else ""),
          f"- GPU: {res['gpu'].get('device_name') if res['gpu'].get('available') else 'no GPU in this environment'}",
          ""]
@@ -1045,10 +1050,14 @@ def main(argv=None) -> int:
     p.add_argument("--model-repeats", type=int, help="model-only forwards timed (default 5; --quick 2)")
     p.add_argument("--model-budget-s", type=float, default=20.0,
                    help="time budget per model-only measurement: slow forwards are repeated fewer times")
+    p.add_argument("--warm-compiled", action="store_true",
+                   help="the warm worker runs compiled models (ONNX Runtime) instead of torch, to compare the two")
     p.add_argument("--smoke", action="store_true",
                    help="tiny inputs and one repeat, to check that the script runs (results are not benchmarks)")
     p.add_argument("--keep-temp", action="store_true", help="keep the temporary inputs and outputs")
     args = p.parse_args(argv)
+    global WARM_COMPILED
+    WARM_COMPILED = args.warm_compiled
 
     t_start = time.perf_counter()
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -1101,7 +1110,8 @@ def main(argv=None) -> int:
                 log(notes[-1])
         flags = (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats else "") \
             + (" --random-models" if args.random_models else "") + (" --smoke" if args.smoke else "") \
-            + (f" --tasks {args.tasks}" if args.tasks != p.get_default("tasks") else "")
+            + (f" --tasks {args.tasks}" if args.tasks != p.get_default("tasks") else "") \
+            + (" --warm-compiled" if args.warm_compiled else "")
         config = {"tasks": tasks, "repeats": repeats, "quick": quick, "smoke": args.smoke,
                   "teacher_repeats": dict(teacher_cap),
                   "model_repeats": model_repeats, "model_budget_s": args.model_budget_s, "threads": args.threads,
@@ -1114,6 +1124,7 @@ def main(argv=None) -> int:
                          "(it dominates the benchmark's run time)")
 
         config["runtime_env"] = os.environ.get("KDSEG_RUNTIME", "auto")
+        config["warm_worker_runtime"] = "compiled (ONNX Runtime)" if WARM_COMPILED else "torch"
         config["runtimes"] = compile_models(models, tasks)
         log("start-up")
         startup = bench_startup(models, tasks, repeats, args.threads)
