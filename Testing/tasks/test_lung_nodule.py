@@ -333,3 +333,43 @@ def test_click_channel_marks_the_seed():
     off = lung.network_stack(stack, centre=(20, 100))
     assert np.unravel_index(np.argmax(off[0, 1]), (128, 128)) == (20, 100)
     assert off[0, 1, 20, 100] == pytest.approx(1.0) and off[0, 1, 64, 64] < 1e-3
+
+
+def test_feret_diameter_equals_the_farthest_pair_of_all_corners():
+    from scipy.spatial.distance import pdist
+
+    rng = np.random.default_rng(0)
+    oblique = np.array([[0.8, -0.6, 0.0], [0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]) * np.array([0.7, 0.9, 2.5])
+    for trial in range(12):
+        d = 2 if trial % 2 else 3
+        mask = rng.random((6,) * d) < 0.3
+        idx = np.argwhere(mask).astype(float)
+        offsets = np.array(np.meshgrid(*[(-.5, .5)] * d, indexing="ij")).reshape(d, -1).T
+        corners = (idx[:, None, :] + offsets[None]).reshape(-1, d)
+        to_physical = oblique[:d, :d] if d == 3 else np.diag([0.7, 1.3])
+        expected = pdist(corners @ to_physical.T).max()
+        assert lung._feret_diameter(corners, to_physical) == pytest.approx(expected, rel=1e-12)
+
+
+def test_select_component_keeps_the_seeded_or_nearest_26_connected_component():
+    from scipy import ndimage
+
+    from KDSegmentationLib.tasks.components import select_component
+
+    def by_scipy(mask, seed, spacing, limit):
+        labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
+        keep = labels[tuple(seed)] if n else 0
+        if n and keep == 0:
+            idx = np.argwhere(labels > 0)
+            dist = np.sqrt((((idx - np.asarray(seed)) * np.asarray(spacing)) ** 2).sum(axis=1))
+            keep = labels[tuple(idx[int(np.argmin(dist))])] if dist.min() <= limit else 0
+        return (labels == keep).astype(np.uint8) if keep else np.zeros(mask.shape, np.uint8)
+
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        mask = (rng.random((5, 12, 12)) < 0.15).astype(np.uint8)
+        seed = tuple(int(v) for v in rng.integers(0, (5, 12, 12)))
+        spacing, limit = (2.5, 0.7, 0.7), 4.0 if trial % 2 else 10.0
+        np.testing.assert_array_equal(select_component(mask, seed, spacing, limit),
+                                      by_scipy(mask, seed, spacing, limit))
+    assert not select_component(np.zeros((3, 4, 4), np.uint8), (1, 1, 1), (1, 1, 1)).any()
