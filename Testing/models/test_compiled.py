@@ -176,3 +176,15 @@ def test_once_compiled_a_fresh_run_does_not_import_torch_and_writes_torchs_label
     labels = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / f))) for f in
               ("again.nii.gz", "torch.nii.gz")]
     assert labels[0].any() and np.array_equal(labels[0], labels[1])
+
+
+def test_an_unwritable_cache_folder_runs_torch_and_says_why(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("KDSEG_COMPILED", str(blocker / "compiled"))
+    torch.manual_seed(0)
+    path = save_tiny_student("retina", tmp_path / "r.kdseg.pt")
+    heard = []
+    loaded, _ = load_for_inference(get_task("retina"), str(path), "cpu", log=heard.append)
+    assert loaded.runtime == "torch" and "runs with torch" in heard[0]
+    assert blocker.read_text().startswith("a file")

@@ -72,7 +72,10 @@ def _forget_others(graph: Path) -> None:
     stem = graph.stem.rsplit("-", 1)[0]
     for old in graph.parent.glob(f"{stem}-*"):
         if old.stem != graph.stem and old.suffix in (".onnx", ".json") and old.stem.rsplit("-", 1)[0] == stem:
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError:  # in use by another process (Windows): it goes next time
+                pass
 
 
 def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[CompiledModel], str]:
@@ -80,10 +83,10 @@ def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[Compi
     model_path = Path(loaded.path)
     if importlib.util.find_spec("onnx") is None:
         return None, f"{model_path.name} runs with torch: install the onnx package to compile it for ONNX Runtime"
-    graph, description = compiled_paths(model_path, file_digest(model_path))
     network = loaded.network.eval()
-    inputs = _check_inputs(network)
     try:
+        graph, description = compiled_paths(model_path, file_digest(model_path))
+        inputs = _check_inputs(network)
         graph.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(graph) as tmp:
             _export(network, inputs[0], tmp)
