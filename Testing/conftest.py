@@ -15,29 +15,28 @@ if str(LIB_PARENT) not in sys.path:
 SHARED_DATA = Path(os.environ.get("KDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def _private_folder(variable: str, folder: Path):
+    """Point ``variable`` at ``folder`` for the session, then restore it."""
+    previous = os.environ.get(variable)
+    os.environ[variable] = str(folder)
+    yield
+    if previous is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = previous
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_dataset_cache(tmp_path_factory):
     """Datasets prepared by the tests go to a temporary folder, never into the user's cache (each test's data
     folder is new, so every run would leave another prepared copy there)."""
-    previous = os.environ.get("KDSEG_CACHE")
-    os.environ["KDSEG_CACHE"] = str(tmp_path_factory.mktemp("dataset-cache"))
-    yield
-    if previous is None:
-        os.environ.pop("KDSEG_CACHE", None)
-    else:
-        os.environ["KDSEG_CACHE"] = previous
+    yield from _private_folder("KDSEG_CACHE", tmp_path_factory.mktemp("dataset-cache"))
 
 
 @pytest.fixture(scope="session", autouse=True)
 def private_compiled_models(tmp_path_factory):
     """Models compiled for ONNX Runtime by the tests go to a temporary folder, never into the user's cache."""
-    previous = os.environ.get("KDSEG_COMPILED")
-    os.environ["KDSEG_COMPILED"] = str(tmp_path_factory.mktemp("compiled-models"))
-    yield
-    if previous is None:
-        os.environ.pop("KDSEG_COMPILED", None)
-    else:
-        os.environ["KDSEG_COMPILED"] = previous
+    yield from _private_folder("KDSEG_COMPILED", tmp_path_factory.mktemp("compiled-models"))
 
 
 def save_tiny_student(task: str, path, **save_options) -> Path:

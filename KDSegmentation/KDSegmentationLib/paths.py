@@ -5,6 +5,7 @@ extension build, where ``Resources/`` is installed beside the module's Python fi
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -47,3 +48,20 @@ def user_models_dir() -> Path:
     if os.name == "nt":
         base = os.environ.get("LOCALAPPDATA", str(Path.home()))
     return Path(base) / "KDSegmentation" / "models"
+
+
+def user_cache_dir(kind: str) -> Path:
+    """A folder of regenerable files in the user's cache (``kind``: 'datasets', 'compiled'); safe to delete."""
+    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
+    if os.name == "nt":
+        base = os.environ.get("LOCALAPPDATA", str(Path.home()))
+    return Path(base) / "KDSegmentation" / kind
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -15,10 +15,11 @@ from conftest import LIB_PARENT, REPO, save_tiny_student
 from KDSegmentationLib.inference import segment as segment_module
 from KDSegmentationLib.inference.inferer import Inferer
 from KDSegmentationLib.inference.segment import load_for_inference
-from KDSegmentationLib.models.compiled import TOLERANCE, compiled_paths, file_digest, load_compiled
+from KDSegmentationLib.models.compiled import TOLERANCE, compiled_paths, load_compiled
 from KDSegmentationLib.models.files import load_model, rewrite_header, save_model
 from KDSegmentationLib.models.networks import build_network, default_arch_args
 from KDSegmentationLib.models.onnx_export import compile_model
+from KDSegmentationLib.paths import file_sha256
 from KDSegmentationLib.tasks import get_task
 
 pytest.importorskip("onnxruntime")
@@ -72,9 +73,9 @@ def test_a_compiled_model_belongs_to_the_exact_bytes_of_its_model_file(tmp_path)
     assert load_compiled(path) is None
     compile_model(load_model(path))
     assert load_compiled(path) is not None
-    info = json.loads(compiled_paths(path, file_digest(path))[1].read_text())
-    assert info["source_sha256"] == file_digest(path) and info["max_abs_softmax_diff"] <= TOLERANCE
-    old_graph = compiled_paths(path, file_digest(path))[0]
+    info = json.loads(compiled_paths(path, file_sha256(path))[1].read_text())
+    assert info["source_sha256"] == file_sha256(path) and info["max_abs_softmax_diff"] <= TOLERANCE
+    old_graph = compiled_paths(path, file_sha256(path))[0]
     rewrite_header(path, card={"name": "recalibrated"})  # same weights, other bytes: the old graph must not be used
     assert load_compiled(path) is None
     compile_model(load_model(path))
@@ -86,7 +87,7 @@ def test_a_damaged_graph_is_never_run_and_is_compiled_again(tmp_path):
     torch.manual_seed(0)
     path = save_tiny_student("retina", tmp_path / "r.kdseg.pt")
     compile_model(load_model(path))
-    graph = compiled_paths(path, file_digest(path))[0]
+    graph = compiled_paths(path, file_sha256(path))[0]
     data = bytearray(graph.read_bytes())
     data[len(data) // 2] ^= 0xFF
     graph.write_bytes(bytes(data))
@@ -111,7 +112,7 @@ def test_a_model_that_fails_to_compile_runs_with_torch_and_leaves_no_graph(tmp_p
     loaded, device = load_for_inference(get_task("retina"), str(path), "cpu", log=heard.append)
     assert loaded.runtime == "torch" and device == torch.device("cpu")
     assert "runs with torch" in heard[0] and "exporter refused" in heard[0]
-    graph, description = compiled_paths(path, file_digest(path))
+    graph, description = compiled_paths(path, file_sha256(path))
     assert not description.exists() and not graph.exists() and not any(graph.parent.glob("*.tmp*"))
 
 

@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 
 
 def sha256_file(path) -> str:
+    # the client imports nothing of the engine but its protocol (see Testing/client/test_protocol.py)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

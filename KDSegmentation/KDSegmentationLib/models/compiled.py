@@ -13,7 +13,6 @@ Torch stays the runtime for ensembles, the GPU, training and evaluation. Importi
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 from KDSegmentationLib.models.header_view import HeaderView
+from KDSegmentationLib.paths import file_sha256, user_cache_dir
 
 RUNTIME_ENV = "KDSEG_RUNTIME"            # auto (default): ONNX Runtime on the CPU when installed; torch: never
 RUNTIMES = ("auto", "torch")
@@ -46,20 +46,7 @@ def compilation_possible() -> bool:
 
 def compiled_dir() -> Path:
     env = os.environ.get(COMPILED_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    if os.name == "nt":
-        base = os.environ.get("LOCALAPPDATA", str(Path.home()))
-    return Path(base) / "KDSegmentation" / "compiled"
-
-
-def file_digest(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return Path(env) if env else user_cache_dir("compiled")
 
 
 def compiled_paths(model_path, digest: str):
@@ -109,9 +96,9 @@ def load_compiled(model_path, threads: Optional[int] = None) -> Optional[Compile
 
     model_path = Path(model_path)
     try:
-        graph, description = compiled_paths(model_path, file_digest(model_path))
+        graph, description = compiled_paths(model_path, file_sha256(model_path))
         info = json.loads(description.read_text(encoding="utf-8"))
-        if info.get("format") != FORMAT or info.get("graph_sha256") != file_digest(graph):
+        if info.get("format") != FORMAT or info.get("graph_sha256") != file_sha256(graph):
             return None
         header = validate_header(info["header"], model_path, compiled=True)
         return CompiledModel(network=OnnxNetwork(graph, threads), header=header, path=model_path)
@@ -121,6 +108,6 @@ def load_compiled(model_path, threads: Optional[int] = None) -> Optional[Compile
 
 def describe(model_path, graph: Path, header: Dict[str, Any], max_abs_diff: float) -> Dict[str, Any]:
     """The description written beside a graph: what it was compiled from and how well it matched torch."""
-    return {"format": FORMAT, "model_file": Path(model_path).name, "source_sha256": file_digest(model_path),
-            "graph_sha256": file_digest(graph), "max_abs_softmax_diff": max_abs_diff, "tolerance": TOLERANCE,
+    return {"format": FORMAT, "model_file": Path(model_path).name, "source_sha256": file_sha256(model_path),
+            "graph_sha256": file_sha256(graph), "max_abs_softmax_diff": max_abs_diff, "tolerance": TOLERANCE,
             "header": header}

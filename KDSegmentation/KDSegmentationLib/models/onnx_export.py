@@ -16,7 +16,8 @@ import torch
 
 from KDSegmentationLib.io.atomic import atomic_path
 from KDSegmentationLib.models.compiled import (INPUT, LOGITS, PROBABILITIES, TOLERANCE, CompiledModel, OnnxNetwork,
-                                               compiled_paths, describe, file_digest)
+                                               compiled_paths, describe)
+from KDSegmentationLib.paths import file_sha256
 
 # Two sizes that are not multiples of any network's stride (so padding and cropping are exercised): the graph must
 # give torch's probabilities on both, proving it is not tied to the size it was traced with.
@@ -85,7 +86,7 @@ def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[Compi
         return None, f"{model_path.name} runs with torch: install the onnx package to compile it for ONNX Runtime"
     network = loaded.network.eval()
     try:
-        graph, description = compiled_paths(model_path, file_digest(model_path))
+        graph, description = compiled_paths(model_path, file_sha256(model_path))
         inputs = _check_inputs(network)
         graph.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(graph) as tmp:

@@ -203,13 +203,10 @@ def load_arrays(case: Case) -> Dict[str, np.ndarray]:
 
 
 def default_cache_root() -> Path:
+    from KDSegmentationLib.paths import user_cache_dir
+
     env = os.environ.get("KDSEG_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or (Path.home() / ".cache")
-    if os.name == "nt":
-        base = os.environ.get("LOCALAPPDATA", str(Path.home()))
-    return Path(base) / "KDSegmentation" / "datasets"
+    return Path(env) if env else user_cache_dir("datasets")
 
 
 def ensure_cache(data_dir, task: TaskSpec, cache_dir=None, progress=None, should_stop=None,
