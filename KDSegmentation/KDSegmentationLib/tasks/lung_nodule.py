@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -231,14 +231,13 @@ def _feret_diameter(corners: np.ndarray, to_physical: np.ndarray) -> float:
     """Largest distance between any two of ``corners`` (n, d): voxel corners in index units (half-integers), the
     distance measured after the linear map ``to_physical`` (d, d; mm).
 
-    The farthest pair is a pair of convex-hull vertices, and a point lying between two others on a grid line is no
-    vertex (the map keeps lines), so only the points at both ends of their line along every index axis are paired:
-    exact, and no hull library is imported (SciPy's costs a fresh process about 0.5 s)."""
-    pts = np.unique(np.rint(np.asarray(corners) * 2).astype(np.int64), axis=0)
-    keep = np.ones(len(pts), bool)
-    for axis in range(pts.shape[1]):
-        keep &= _line_ends(pts, axis)
-    cand = (pts[keep] / 2.0) @ np.asarray(to_physical, float).T
+    The farthest pair is a pair of convex-hull vertices, and a point lying between two others on a line is no
+    vertex (the map keeps lines). So only the points at both ends of their grid line along every axis and diagonal
+    of the lattice are paired: exact, and no hull library is imported (SciPy's costs a fresh process about 0.5 s)."""
+    pts = np.rint(np.asarray(corners) * 2).astype(np.int64)  # shared corners repeat: harmless, cheaper than unique
+    for direction in _lattice_directions(pts.shape[1]):
+        pts = pts[_line_ends(pts, direction)]
+    cand = (pts / 2.0) @ np.asarray(to_physical, float).T
     best = 0.0
     for start in range(0, len(cand), 256):  # pairwise in blocks: memory stays small whatever the nodule
         diff = cand[start:start + 256, None, :] - cand[None, :, :]
@@ -246,12 +245,20 @@ def _feret_diameter(corners: np.ndarray, to_physical: np.ndarray) -> float:
     return best ** 0.5
 
 
-def _line_ends(pts: np.ndarray, axis: int) -> np.ndarray:
-    """Boolean (n,): the points of ``pts`` (n, d) that are first or last along ``axis`` among the points sharing
-    their other coordinates."""
-    others = [pts[:, a] for a in range(pts.shape[1]) if a != axis]
-    order = np.lexsort((pts[:, axis],) + tuple(reversed(others)))  # lexsort: the last key sorts first
-    grouped = np.stack(others, axis=1)[order] if others else np.zeros((len(pts), 0), np.int64)
+def _lattice_directions(d: int) -> List[np.ndarray]:
+    """The axes and diagonals of a d-D lattice: every non-zero vector of {-1, 0, 1}^d, one of each +-pair."""
+    vectors = np.array(np.meshgrid(*[(-1, 0, 1)] * d, indexing="ij")).reshape(d, -1).T
+    return [v for v in vectors if v.any() and v[np.flatnonzero(v)[0]] > 0]
+
+
+def _line_ends(pts: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """Boolean (n,): the points of ``pts`` (n, d) that are first or last along ``direction`` among the points on
+    their line (points on one line share ``p - t * direction``, t their position along it)."""
+    axis = int(np.flatnonzero(direction)[0])
+    position = pts[:, axis]  # direction[axis] is 1
+    key = pts - position[:, None] * direction[None, :]
+    order = np.lexsort((position,) + tuple(key[:, a] for a in reversed(range(key.shape[1]))))
+    grouped = key[order]
     starts = np.r_[True, np.any(grouped[1:] != grouped[:-1], axis=1)]
     ends = np.r_[starts[1:], True]
     out = np.zeros(len(pts), bool)
