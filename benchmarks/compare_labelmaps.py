@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     which.add_argument("--before", help="the commit to compare with (e.g. HEAD~3)")
     which.add_argument("--runtimes", action="store_true", help="this checkout under torch vs under ONNX Runtime")
     p.add_argument("--models", default="student,teacher")
-    p.add_argument("--data", type=Path, default=Path(os.environ.get("KDSEG_SHARED_DATA", REPO.parent / "shared" / "data")))
+    p.add_argument("--data", type=Path,
+                   default=Path(os.environ.get("KDSEG_SHARED_DATA", REPO.parent / "shared" / "data")))
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="kdseg-compare-") as t:
         tmp = Path(t)

@@ -558,7 +558,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
     if loaded.runtime == "torch":
         hook = network.register_forward_pre_hook(lambda mod, a: calls.append(tuple(a[0].shape)))
     else:
-        hook = _count_compiled_calls(loaded.network, calls)
+        hook = _CompiledCallRecorder(loaded.network, calls)
 
     def once(inp, out):
         seed = tuple(inp["seed_ras"]) if inp.get("seed_ras") else None
@@ -583,7 +583,8 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
             wall, timings = once(inp, out_dir / f"warm_{task}_{role}_{i}.seg.nrrd")
             runs[inp["name"]].append({"wall_s": wall, "timings_s": timings})
     result = {
-        "device": device, "runtime": loaded.runtime, "model_load_s": load_s, "first_call_s": first_s, "first_call_timings_s": first_t,
+        "device": device, "runtime": loaded.runtime, "model_load_s": load_s, "first_call_s": first_s,
+        "first_call_timings_s": first_t,
         "forward_input_shapes": [list(s) for s in forward_shapes], "per_input": {}}
     for name, rs in runs.items():
         result["per_input"][name] = {
@@ -598,7 +599,7 @@ def warm_runs(task: str, role: str, model_path: str, inputs: List[dict], repeats
     return result
 
 
-class _count_compiled_calls:
+class _CompiledCallRecorder:
     """Records the input shape of each compiled forward (as a torch forward hook does) until ``remove()``."""
 
     def __init__(self, compiled, calls: List[tuple]):

@@ -47,7 +47,7 @@ def run_segment(task_name: str, input_path: str, output_path: str, model: str = 
     progress.progress("done", 1.0)
     return {"task": task.name, "input": str(input_path), "path": str(out),
             "model": loaded.header.get("card", {}).get("name", Path(loaded.path).name),
-            "device": str(dev), "runtime": getattr(loaded, "runtime", "torch"), "segments": result.stats, "withheld": result.withheld,
+            "device": str(dev), "runtime": loaded.runtime, "segments": result.stats, "withheld": result.withheld,
             "warnings": warnings + result.warnings,
             "timings_s": {k: round(v, 3) for k, v in timings.items()}}
 

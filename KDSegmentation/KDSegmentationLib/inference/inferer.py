@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from KDSegmentationLib.models.compiled import OnnxNetwork  # torch-free
+
 # Whole-volume forward up to this many model voxels (fastest: no overlap); MONAI's sliding window above it.
 WHOLE_MAX_VOXELS = {"cuda": 48_000_000, "cpu": 6_000_000}
 SLIDING_WINDOW = {"sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"}
@@ -21,7 +23,7 @@ class Inferer:
     def __init__(self, network, device):
         self.network = network
         self.device = device
-        self.compiled = hasattr(network, "session")
+        self.compiled = isinstance(network, OnnxNetwork)
 
     def _logits(self, x):
         import torch
@@ -43,8 +45,7 @@ class Inferer:
         x = torch.as_tensor(np.ascontiguousarray(x) if isinstance(x, np.ndarray) else x)
         with torch.inference_mode():
             x = x.to(self.device)
-            limit = WHOLE_MAX_VOXELS["cuda" if self.device.type == "cuda" else "cpu"]
-            if roi_zyx is None or x[0, 0].numel() <= limit:
+            if self._runs_whole(x, roi_zyx):
                 return torch.softmax(self._logits(x).float(), dim=1)
             from monai.inferers import sliding_window_inference  # only here: importing MONAI costs start-up
 
@@ -53,11 +54,16 @@ class Inferer:
 
     def numpy_probabilities(self, x, roi_zyx: Optional[Sequence[int]] = None) -> np.ndarray:
         """As :meth:`probabilities`, as a float32 numpy array on the CPU."""
-        if self.compiled and (roi_zyx is None or int(np.prod(np.shape(x)[2:])) <= WHOLE_MAX_VOXELS["cpu"]):
+        if not self.compiled:
+            return self.probabilities(x, roi_zyx).cpu().numpy()
+        if self._runs_whole(x, roi_zyx):
             return self.network.probabilities(x)
-        if self.compiled:
-            return self._compiled_sliding_window(x, roi_zyx)
-        return self.probabilities(x, roi_zyx).cpu().numpy()
+        return self._compiled_sliding_window(x, roi_zyx)
+
+    def _runs_whole(self, x, roi_zyx) -> bool:
+        """Whole input in one forward (no ROI, or few enough voxels for the device); else MONAI's sliding window."""
+        kind = "cuda" if getattr(self.device, "type", self.device) == "cuda" else "cpu"
+        return roi_zyx is None or int(np.prod(tuple(x.shape[2:]))) <= WHOLE_MAX_VOXELS[kind]
 
     def _compiled_sliding_window(self, x, roi_zyx) -> np.ndarray:
         """MONAI's sliding window over the compiled network's logits: the same blending as the torch path."""

@@ -1,7 +1,7 @@
 """Compiled models: a model file's network exported once to ONNX and run by ONNX Runtime on the CPU.
 
-Why: importing torch costs about 2 s of every one-shot ``kdseg segment``, and ONNX Runtime runs the 3D liver
-student about 2x faster on 2 CPU cores (``benchmarks/results/runtime.md``). A compiled graph is a cache, never a
+Why: importing torch costs about 2 s of every one-shot ``kdseg segment`` (``benchmarks/results/runtime.md``); once
+torch is loaded its own forward is as fast, so a persistent worker keeps torch. A compiled graph is a cache, never a
 source of truth:
 
 - it lives in the user's cache folder, named by the SHA-256 of the model file's bytes, so a retrained, rewritten or
@@ -106,8 +106,9 @@ def load_compiled(model_path, threads: Optional[int] = None) -> Optional[Compile
         return None
 
 
-def describe(model_path, graph: Path, header: Dict[str, Any], max_abs_diff: float) -> Dict[str, Any]:
+def describe(model_path, source_sha256: str, graph: Path, header: Dict[str, Any],
+             max_abs_diff: float) -> Dict[str, Any]:
     """The description written beside a graph: what it was compiled from and how well it matched torch."""
-    return {"format": FORMAT, "model_file": Path(model_path).name, "source_sha256": file_sha256(model_path),
+    return {"format": FORMAT, "model_file": Path(model_path).name, "source_sha256": source_sha256,
             "graph_sha256": file_sha256(graph), "max_abs_softmax_diff": max_abs_diff, "tolerance": TOLERANCE,
             "header": header}

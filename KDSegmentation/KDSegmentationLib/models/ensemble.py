@@ -48,6 +48,8 @@ class EnsembleNetwork(nn.Module):
 class LoadedEnsemble:
     """The loaded members as one model: what :class:`models.files.LoadedModel` offers to inference and training."""
 
+    runtime = "torch"
+
     def __init__(self, loaded: Sequence, flips: bool = True):
         self.members = list(loaded)
         self.network = EnsembleNetwork([m.network for m in self.members], flips).eval()

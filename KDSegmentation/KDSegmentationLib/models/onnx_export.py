@@ -86,7 +86,8 @@ def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[Compi
         return None, f"{model_path.name} runs with torch: install the onnx package to compile it for ONNX Runtime"
     network = loaded.network.eval()
     try:
-        graph, description = compiled_paths(model_path, file_sha256(model_path))
+        source_sha256 = file_sha256(model_path)
+        graph, description = compiled_paths(model_path, source_sha256)
         inputs = _check_inputs(network)
         graph.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(graph) as tmp:
@@ -94,8 +95,9 @@ def compile_model(loaded, threads: Optional[int] = None) -> Tuple[Optional[Compi
             diff = _max_difference(network, OnnxNetwork(tmp, threads), inputs)
             if not diff <= TOLERANCE:
                 raise ValueError(f"ONNX Runtime differs from torch by {diff:.1e} (tolerance {TOLERANCE:.0e})")
+        info = describe(model_path, source_sha256, graph, loaded.header, diff)
         with atomic_path(description) as tmp:
-            tmp.write_text(json.dumps(describe(model_path, graph, loaded.header, diff), indent=1), encoding="utf-8")
+            tmp.write_text(json.dumps(info, indent=1), encoding="utf-8")
     except Exception as exc:  # noqa: BLE001 - compiling is an optimisation: torch runs the model whatever happens
         return None, f"{model_path.name} runs with torch: compiling it for ONNX Runtime failed " \
                      f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"

@@ -108,12 +108,12 @@ def _linear_taps(n_out: int, n_in: int, k: int):
 
 
 def _upsample(a: np.ndarray, shape_hw: Tuple[int, int], k: int) -> np.ndarray:
-    """(hc, wc) coarse grid of block size ``k`` -> (H, W) float32, separable linear interpolation (two taps per
-    axis: gathers, not a dense interpolation matrix)."""
-    r0, r1, fr = _linear_taps(shape_hw[0], a.shape[0], k)
-    c0, c1, fc = _linear_taps(shape_hw[1], a.shape[1], k)
-    rows = a[r0] * (1.0 - fr)[:, None] + a[r1] * fr[:, None]
-    return rows[:, c0] * (1.0 - fc) + rows[:, c1] * fc
+    """(..., hc, wc) coarse grid of block size ``k`` -> (..., H, W) float32, separable linear interpolation (two
+    taps per axis: gathers, not a dense interpolation matrix)."""
+    r0, r1, fr = _linear_taps(shape_hw[0], a.shape[-2], k)
+    c0, c1, fc = _linear_taps(shape_hw[1], a.shape[-1], k)
+    rows = a[..., r0, :] * (1.0 - fr)[:, None] + a[..., r1, :] * fr[:, None]
+    return rows[..., c0] * (1.0 - fc) + rows[..., c1] * fc
 
 
 def _smooth_ratio(num: np.ndarray, den: np.ndarray, sigma: float) -> np.ndarray:
@@ -198,14 +198,11 @@ def _inverse_local_std(bg, s_w, s_x, s_xx, d: float, k: int):
 
 def _normalised(x: np.ndarray, bg, inv_std, outside: np.ndarray, k: int, q: int) -> np.ndarray:
     """(x - background) / local std, upsampled from the coarse grids, clipped, 0 in the ``outside`` band."""
-    h, w = x.shape[1:]
-    out = np.empty((3, h, w), dtype=np.float32)
-    for c in range(3):
-        o = out[c]
-        np.subtract(x[c], _upsample(bg[c], (h, w), k), out=o)
-        o *= _upsample(inv_std[c], (h, w), k * q)
-        np.clip(o, -CLIP, CLIP, out=o)
-        o[outside] = 0.0
+    shape_hw = x.shape[1:]
+    out = np.subtract(x, _upsample(bg, shape_hw, k), dtype=np.float32)
+    out *= _upsample(inv_std, shape_hw, k * q)
+    np.clip(out, -CLIP, CLIP, out=out)
+    out[:, outside] = 0.0
     return out
 
 
