@@ -6,11 +6,13 @@
 #   bash scripts/train_all.sh STEP DATA_ROOT OUT_DIR
 #
 # STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver (the shipped
-# pair, all nine cases), liver_cv FOLD..., ablation TASK, local_distill (teachers before their students), calibrate
-# ORIGINAL_DATA_ROOT (decision thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA), labels_only TASK
-# (the full-budget comparison without the teacher).
-# DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders),
-# LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1). MINUTES_SCALE (default 1) scales every time budget.
+# pair, all nine cases), liver_cv FOLD..., liver_teacher FOLD|all..., liver_student[_no_unlabelled] FOLD|all...,
+# ablation TASK, local_distill (teachers before their students), calibrate ORIGINAL_DATA_ROOT (decision
+# thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA), labels_only TASK (the full-budget
+# comparison without the teacher).
+# DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders), HCC_TACE
+# (unlabelled_HCC-TACE-Seg), LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1).
+# MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
 STEP=${1:?step}; DATA=${2:?data root}; OUT=${3:?output folder}
 SCALE=${MINUTES_SCALE:-1}; DEVICE=${DEVICE:-cpu}
@@ -33,6 +35,8 @@ LUNG="--data $DATA/LIDC --patch 96,96 --batch-size 16 --soft-labels --val-every 
 # liver: 3-fold cross-validation by case (each fold's teacher and student never see its three cases, not even for
 # checkpoint selection: the last checkpoint is kept), then the shipped models with the same recipe on all nine
 LIV="--data $DATA/RadCT --val-every 100000000 --patch 32,64,64 --batch-size 2"
+LIV_KD="--teacher-targets stored"
+LIV_UNLABELLED="--unlabelled $DATA/HCC_TACE --unlabelled-fraction 0.25"
 
 retina_teacher() {
   kd retina_teacher train-teacher --task retina $RET --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
@@ -50,19 +54,37 @@ lung_nodule_student() {
   kd lung_nodule_student distill --task lung_nodule $LUNG $KD --seed 0 --teacher "$OUT/lung_nodule_teacher.kdseg.pt" \
      --max-minutes "$(m 20)" --output "$OUT/lung_nodule_student.kdseg.pt"
 }
-liver_pair() {   # NAME DIR SPLIT_ARGS...: a liver teacher, then its student distilled from it
-  local name=$1 dir=$2; shift 2
-  mkdir -p "$dir"
-  kd "${name}liver_teacher" train-teacher --task liver $LIV "$@" --seed 0 --max-minutes "$(m 20)" \
-     --output "$dir/liver_teacher.kdseg.pt"
-  kd "${name}liver_student" distill --task liver $LIV "$@" $KD --seed 0 --teacher "$dir/liver_teacher.kdseg.pt" \
-     --max-minutes "$(m 15)" --output "$dir/liver_student.kdseg.pt"
+# FOLD is 0, 1 or 2 (a cross-validation fold: its teacher and student never see its three cases) or all (the shipped
+# models, all nine cases); the student learns from the unlabelled CTs of another hospital through the teacher alone
+liver_split() { if [ "$1" = all ]; then echo "--val-fraction 0"; else echo "--folds 3 --fold $1"; fi; }
+liver_dir() { if [ "$1" = all ]; then echo "$OUT"; else echo "$OUT/liver_cv/fold$1"; fi; }
+liver_log() { if [ "$1" = all ]; then echo "$2"; else echo "cv$1_$2"; fi; }
+liver_teacher() {   # FOLD...
+  for f in "$@"; do
+    mkdir -p "$(liver_dir $f)"
+    kd "$(liver_log $f liver_teacher)" train-teacher --task liver $LIV $(liver_split $f) --seed 0 \
+       --max-minutes "$(m 24)" --output "$(liver_dir $f)/liver_teacher.kdseg.pt"
+  done
+}
+liver_student_as() {   # NAME UNLABELLED_ARGS FOLD...: a student distilled from its fold's teacher
+  local name=$1 unlabelled=$2; shift 2
+  for f in "$@"; do
+    kd "$(liver_log $f $name)" distill --task liver $LIV $(liver_split $f) $KD --seed 0 \
+       --teacher "$(liver_dir $f)/liver_teacher.kdseg.pt" $LIV_KD $unlabelled --max-minutes "$(m 15)" \
+       --output "$(liver_dir $f)/$name.kdseg.pt"
+  done
+}
+liver_student() {   # FOLD... (after its teacher)
+  liver_student_as liver_student "$LIV_UNLABELLED" "$@"
+}
+liver_student_no_unlabelled() {   # FOLD...: the same student without the other hospital's CTs, for comparison
+  liver_student_as liver_student_no_unlabelled "" "$@"
 }
 liver_cv() {   # FOLD...: cross-validation folds (0 1 2)
-  for f in "$@"; do liver_pair "cv${f}_" "$OUT/liver_cv/fold$f" --folds 3 --fold "$f"; done
+  for f in "$@"; do liver_teacher $f; liver_student $f; done
 }
 liver() {   # the shipped liver models: all nine cases
-  liver_pair "" "$OUT" --val-fraction 0
+  liver_teacher all; liver_student all
 }
 args2d() { if [ "$1" = retina ]; then echo "$RET"; else echo "$LUNG"; fi; }   # the data/patch arguments of a 2D task
 labels_only() {   # TASK...: the shipped student's architecture, data and budget, trained on the labels alone
@@ -102,8 +124,10 @@ calibrate() {   # ORIGINAL_DATA_ROOT (retina/DRIVE, lung/LIDC-IDRI-slices): deci
 }
 if [ "$STEP" = all ]; then
   # two lanes, one core each: the 3D liver models, and the 2D models with the ablation and local distillation
-  (liver_cv 0 1; retina_teacher; retina_student; ablation retina; local_distill; labels_only retina) &
-  (liver_cv 2; liver; lung_nodule_teacher; lung_nodule_student; ablation lung_nodule; labels_only lung_nodule) &
+  (liver_cv 0 1; liver_student_no_unlabelled 0 1; retina_teacher; retina_student; ablation retina; local_distill
+   labels_only retina) &
+  (liver_cv 2; liver; liver_student_no_unlabelled 2; lung_nodule_teacher; lung_nodule_student
+   ablation lung_nodule; labels_only lung_nodule) &
   wait
   calibrate "$ORIGINAL_DATA"
 else

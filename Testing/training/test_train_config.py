@@ -95,3 +95,24 @@ def test_a_student_started_from_a_trained_one_is_fine_tuned_at_a_lower_rate():
     lr = lambda **kw: make_plan(TrainConfig(task="retina", steps=10, **kw), task, 4, 0, False, 1).lr  # noqa: E731
     assert lr() == 2e-3 and lr(init="s.kdseg.pt") == 5e-4 and lr(role="teacher") == 1e-3
     assert lr(init="s.kdseg.pt", lr=1e-2) == 1e-2
+
+
+def test_a_time_budget_ends_the_warm_up_after_its_share_of_the_run():
+    """Under a time budget only a fraction of the planned steps may fit: the warm-up must still end after 3 % of
+    the run, not after 3 % of the planned steps (which was 40 % of a 3D teacher's real run)."""
+    from KDSegmentationLib.tasks import get_task
+    from KDSegmentationLib.training.plan import lr_factor, make_plan
+
+    task = get_task("liver")
+    plan = make_plan(TrainConfig(task="liver", max_minutes=20), task, 6, 0, False, 1)
+    assert plan.warmup_steps > 100 and plan.warmup_fraction == pytest.approx(0.03)
+    at = lambda step, seconds: lr_factor(step, plan.fraction_done(step, seconds), plan.warmup_steps,  # noqa: E731
+                                         "cosine", warmup_fraction=plan.warmup_fraction)
+    assert at(0, 0.0) == pytest.approx(1 / plan.warmup_steps)
+    assert at(10, 0.015 * plan.budget_s) == pytest.approx(0.5, abs=0.01)   # half-way through the warm-up by time
+    assert at(20, 0.05 * plan.budget_s) > 0.97                             # warmed up long before step 216
+    assert at(20, 0.5 * plan.budget_s) == pytest.approx(0.505, abs=0.01)   # then the cosine follows the time
+    # without a time budget the warm-up is counted in steps, as before
+    steps = make_plan(TrainConfig(task="liver", steps=1000), task, 6, 0, False, 1)
+    assert steps.warmup_steps == 30
+    assert lr_factor(14, steps.fraction_done(14, 1e9), 30, "cosine", warmup_fraction=0.03) == pytest.approx(0.5)

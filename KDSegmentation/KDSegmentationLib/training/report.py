@@ -30,7 +30,7 @@ def _recipe(cfg: TrainConfig, plan: Plan, state: Dict[str, Any], spec: str, devi
         "epochs": round(state["step"] / plan.steps_per_epoch, 2), "max_minutes": cfg.max_minutes,
         "batch_size": plan.batch_size, "processes": world, "patch": list(plan.patch),
         "optimizer": "AdamW", "lr": plan.lr, "weight_decay": cfg.weight_decay, "schedule": cfg.schedule,
-        "warmup_steps": plan.warmup_steps, "grad_clip": cfg.grad_clip,
+        "warmup_steps": plan.warmup_steps, "warmup_fraction": plan.warmup_fraction, "grad_clip": cfg.grad_clip,
         "amp": "bf16" if (cfg.amp and device.type == "cuda") else "fp32",
         "augmentation": asdict(policy) if cfg.augment else None,
     }

@@ -175,7 +175,7 @@ class Trainer:
         """One optimiser step on a collated batch -> (total loss, {loss name: value}, learning rate)."""
         step, plan = self.state["step"], self.plan
         lr = plan.lr * lr_factor(step, plan.fraction_done(step, self.state["elapsed"]), plan.warmup_steps,
-                                 self.cfg.schedule)
+                                 self.cfg.schedule, warmup_fraction=plan.warmup_fraction)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         b = batch_to_device(batch, plan.patch, self.dataset.policy.pad_mode, self.device, self.cfg.soft_labels,
