@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "KDSegmentation"))
 
 from KDSegmentationLib.evaluation.evaluate import evaluate_dataset  # noqa: E402
+from KDSegmentationLib.evaluation.lesions import pooled_detection  # noqa: E402
 from KDSegmentationLib.io.atomic import write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,6 +116,24 @@ def cross_validation(task, role, data_root, runs, threads, folds=3):
             "mean": mean_metrics([c["metrics"] for c in cases]), "cases": cases}
 
 
+def _per_case_dice(result, label="Liver"):
+    return {c["case"]: c["metrics"][label]["dice"] for c in result["cases"]}
+
+
+def liver_unlabelled_comparison(shipped_cv, data_root, runs, threads):
+    """The liver student's cross-validation with the unlabelled CTs of another hospital (``shipped_cv``) against the
+    same recipe without them (``train_all.sh liver_student_no_unlabelled``): per-case Dice of both; None when the
+    comparison models are missing."""
+    without = cross_validation("liver", "student_no_unlabelled", data_root, runs, threads)
+    if not (without and shipped_cv):
+        return None
+    with_u, without_u = _per_case_dice(shipped_cv), _per_case_dice(without)
+    diffs = [with_u[c] - without_u[c] for c in with_u]
+    return {"cases": sorted(with_u), "dice_with": with_u, "dice_without": without_u,
+            "mean_with": statistics.mean(with_u.values()), "mean_without": statistics.mean(without_u.values()),
+            "mean_difference": statistics.mean(diffs), "sd_difference": statistics.stdev(diffs)}
+
+
 def calibrated_evaluation(task, path, data_root, threads):
     """A comparison run (ablation arm, labels-only student) on the task's first held-out set, at its own
     validation-calibrated threshold like the shipped models: a KD student inherits its teacher's calibration, so
@@ -184,7 +203,60 @@ def _withheld_lines(header):
             f"the organ (`scripts/withhold_labels.py`)" for value, reason in sorted(withheld.items())]
 
 
-def card_markdown(entries, ablations, local, budgets=None, full_budget=None):
+def _cv_case_lines(res):
+    """A cross-validation's per-case liver numbers and its lesion-by-lesion detection, under the model's table."""
+    if res.get("split") != "3-fold cross-validation":
+        return []
+    cells = [f"{c['case'].rsplit('_', 1)[-1]} {c['metrics']['Liver']['dice']:.3f} "
+             f"(precision {c['metrics']['Liver']['precision']:.2f})" for c in res["cases"]]
+    lines = ["", "Liver Dice per cross-validation case: " + ", ".join(cells) + "."]
+    det = pooled_detection([c["metrics"] for c in res["cases"]], "Liver tumor")
+    if det["cases"]:
+        lines.append(f"Liver tumour, lesion by lesion (before withholding): {det['detected_10mm']} of "
+                     f"{det['lesions_10mm']} lesions >= 10 mm found, {det['false_positives_per_case']:.1f} false "
+                     f"positive lesions per case.")
+    return lines
+
+
+def _teacher_student_lines(entries):
+    """Does each teacher know more than its student? Dice of both on every held-out set, side by side."""
+    by_name = {e["name"]: e for e in entries}
+    rows = []
+    for task in EVALS:
+        teacher, student = by_name.get(f"{task}_teacher"), by_name.get(f"{task}_student")
+        if not (teacher and student):
+            continue
+        for t_res, s_res in zip(teacher["evaluations"], student["evaluations"]):
+            lab = next(iter(s_res["mean"]))
+            t, s = _mean(t_res, lab, "dice")[0], _mean(s_res, lab, "dice")[0]
+            if t is None or s is None:
+                continue
+            rows.append(f"| {task} | {s_res['title']} | {t:.3f} | {s:.3f} | {100 * (t - s):+.1f} |")
+    if not rows:
+        return []
+    return ["## Teachers against their students", "",
+            "A teacher teaches only what it knows better than its student: Dice of both on the same held-out data "
+            "(first label of each task).", "",
+            "| task | held-out data | teacher | student | teacher - student (points) |", "|---|---|---|---|---|",
+            *rows, ""]
+
+
+def _liver_unlabelled_lines(cmp):
+    per_case = ", ".join(f"{c.rsplit('_', 1)[-1]} {cmp['dice_with'][c]:.3f}/{cmp['dice_without'][c]:.3f}"
+                         for c in cmp["cases"])
+    return ["## Liver: distillation on unlabelled CTs of another hospital", "",
+            "The liver student of each cross-validation fold distilled with and without the seven unlabelled "
+            "contrast CTs of HCC-TACE-Seg (another hospital; a quarter of each batch, learnt from the teacher "
+            "alone), same teacher, recipe, budget and seed (`train_all.sh liver_student` and "
+            "`liver_student_no_unlabelled`). Liver Dice on the nine cross-validation cases.", "",
+            "| student | Dice mean |", "|---|---|",
+            f"| with the unlabelled CTs (shipped recipe) | {cmp['mean_with']:.3f} |",
+            f"| without them | {cmp['mean_without']:.3f} |", "",
+            f"Difference per case: {100 * cmp['mean_difference']:+.1f} ± {100 * cmp['sd_difference']:.1f} points "
+            f"(with/without: {per_case}).", ""]
+
+
+def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liver_unlabelled=None):
     lines = ["# Model cards", "",
              "Generated by `python scripts/evaluate_models.py --data DATA_ROOT --runs RUNS_DIR` from the model files "
              "in this folder; nothing here is typed by hand. Accuracy is on data the model never saw in training "
@@ -192,13 +264,14 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None):
              "over cases. Speed: see `benchmarks/results/benchmarks.md`.", "",
              "All models were trained on a 2-core CPU (no GPU) with short time budgets: "
              "`bash scripts/train_all.sh all DATA_ROOT OUT` (DATA_ROOT holds the datasets or their "
-             "`kdseg prepare` caches: RadCT, LIDC, DRIVE, CHASE). The exact command of each model is below and in "
+             "`kdseg prepare` caches: RadCT, HCC_TACE, LIDC, DRIVE, CHASE). The exact command of each model is below and in "
              "its file (`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters to train on "
              "a CPU; with a GPU, raise the budgets (MINUTES_SCALE) and the teachers' width.", "",
              "Liver: nine cases are few, so the accuracy reported is a 3-fold cross-validation by case "
              "(`train_all.sh liver_cv 0 1 2`: each fold's teacher and student are trained on six cases and never "
              "see the other three, not even for checkpoint selection); the shipped pair is then trained with the "
-             "same recipe on all nine (`train_all.sh liver`), and checked on the TotalSegmentator example CT from "
+             "same recipe on all nine (`train_all.sh liver`); its student also learns from seven unlabelled CTs of "
+             "another hospital through the teacher alone. It is checked on the TotalSegmentator example CT from "
              "another hospital and contrast phase.", ""]
     for e in entries:
         h, card = e["header"], e["header"]["card"]
@@ -231,6 +304,8 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None):
                     v, s, _ = _mean(res, lab, metric)
                     row.append(_fmt(v))
                 lines.append("| " + " | ".join(row) + " |")
+        for res in e["evaluations"]:
+            lines += _cv_case_lines(res)
         lines.append("")
     if ablations:
         lines += ["## Does knowledge distillation earn its place?", "",
@@ -272,6 +347,9 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None):
                              + (" — within one point, i.e. no measurable effect of KD with one seed; the shipped "
                                 "student stays the KD student." if abs(diff) < 1.0 else "."))
         lines += [""] + notes + [""]
+    lines += _teacher_student_lines(entries)
+    if liver_unlabelled:
+        lines += _liver_unlabelled_lines(liver_unlabelled)
     if local:
         lines += ["## Local distillation (retina, CHASE_DB1 without its labels)", "",
                   "The shipped retina student was distilled further on the 20 CHASE_DB1 training photographs with "
@@ -349,6 +427,18 @@ def main(argv=None):
                             ("retina_student + local distillation on CHASE_DB1 (unlabelled)", local_model)):
                 local[name] = evaluate_dataset("retina", str(args.data / "retina/CHASE_DB1"), model=str(f),
                                                device="cpu", split="test", threads=args.threads)
+    liver_unlabelled = None
+    liver_cv = [r for e in entries if e["name"] == "liver_student" for r in e["evaluations"]
+                if r.get("split") == "3-fold cross-validation"]
+    if args.runs and liver_cv:
+        liver_unlabelled = liver_unlabelled_comparison(liver_cv[0], args.data, args.runs, args.threads)
+    if args.reuse:  # sections whose runs are not at hand keep their committed numbers
+        stored = json.loads((args.models / "evaluation.json").read_text())
+        if not ablations:
+            ablations, budgets = stored.get("ablation", {}), stored.get("ablation_minutes_per_run", {})
+        full_budget = full_budget or stored.get("labels_only_full_budget", {})
+        local = local or {k: {"mean": v} for k, v in stored.get("local_distillation", {}).items()}
+        liver_unlabelled = liver_unlabelled or stored.get("liver_unlabelled")
     for e in entries:
         path = args.models / f"{e['name']}.kdseg.pt"
         if not args.no_update:
@@ -367,9 +457,11 @@ def main(argv=None):
                "models": [{"name": e["name"], "evaluations": e["evaluations"]} for e in entries],
                "ablation": ablations, "ablation_minutes_per_run": budgets,
                "labels_only_full_budget": {k: {"title": v["title"], "mean": v["mean"]} for k, v in full_budget.items()},
-               "local_distillation": {k: v["mean"] for k, v in local.items()}}
+               "local_distillation": {k: v["mean"] for k, v in local.items()},
+               "liver_unlabelled": liver_unlabelled}
     write_json(args.models / "evaluation.json", summary)
-    (args.models / "MODEL_CARDS.md").write_text(card_markdown(entries, ablations, local, budgets, full_budget))
+    (args.models / "MODEL_CARDS.md").write_text(card_markdown(entries, ablations, local, budgets, full_budget,
+                                                                       liver_unlabelled))
     print(f"wrote {args.models / 'MODEL_CARDS.md'}")
     return 0
 

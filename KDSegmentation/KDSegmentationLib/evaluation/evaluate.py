@@ -129,6 +129,7 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
     from KDSegmentationLib.training.reading import _ct_label_image, _read_mask_2d, _read_sitk
     from KDSegmentationLib.io.suitability import check_image_for_task
     from KDSegmentationLib.inference.segment import segment_image
+    from KDSegmentationLib.evaluation.lesions import lesion_detection
     from KDSegmentationLib.evaluation.metrics import segmentation_metrics
 
     image = _read_sitk(case.image)
@@ -153,7 +154,11 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
     ref = sitk.GetArrayFromImage(ref_img)
     if ref.shape != pred.shape:
         raise InputError(f"reference of case {case.case_id} is not on the image grid")
-    return segmentation_metrics(pred, ref, image.GetSpacing(), labels)
+    metrics = segmentation_metrics(pred, ref, image.GetSpacing(), labels)
+    for lab in task.labels:
+        if lab.within is not None:  # a lesion inside its organ: also counted lesion by lesion
+            metrics[lab.name].update(lesion_detection(pred == lab.value, ref == lab.value, image))
+    return metrics
 
 
 def _seed_from_reference(ref_img):
