@@ -130,3 +130,29 @@ def test_argmax_equals_full_resampling_when_slices_are_coarser_or_as_fine_as_the
     want = _full_resample(prob, prepared)
     assert (want == 1).any() and (want == 2).any()
     np.testing.assert_array_equal(labels_on_input_grid(prob, prepared), want)
+
+
+def test_the_organ_chosen_on_the_model_grid_is_the_largest_component_on_the_input_grid(upsampling):
+    """keep_organ (3 mm grid) then the return to an oblique, flipped, anisotropic input grid gives the labels that
+    keeping the largest component of the full input-grid labels gives, and drops the detached false positive."""
+    from KDSegmentationLib.tasks.components import largest_component
+    from KDSegmentationLib.tasks.liver import keep_organ
+
+    prepared = prepare_ct_volume(_oblique_ct(), LIVER)
+    shape = prepared.hu.shape
+    rng = np.random.default_rng(1)
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    organ = ((zz - shape[0] / 2) ** 2 / 9 + (yy - 8) ** 2 / 16 + (xx - shape[2] / 2) ** 2 / 25) < 1.5
+    stray = (zz == shape[0] // 2) & (yy == shape[1] - 3) & (xx == 2)     # far from the organ: a false positive
+    prob = np.zeros((3,) + shape, np.float32)
+    fg = rng.uniform(0.55, 0.95, shape).astype(np.float32)
+    prob[1] = np.where(organ | stray, fg, rng.uniform(0.0, 0.45, shape)).astype(np.float32)
+    prob[0] = 1.0 - prob[1]
+    tumour = organ & (rng.random(shape) < 0.2)
+    prob[2][tumour], prob[1][tumour] = prob[1][tumour] * 0.6, prob[1][tumour] * 0.4
+    full = labels_on_input_grid(prob, prepared)
+    want = full * largest_component(full > 0)
+    got = labels_on_input_grid(keep_organ(prob), prepared)
+    assert (full > 0).sum() > (want > 0).sum() > 50 and (want == 2).any()
+    np.testing.assert_array_equal(got, want)
+    assert not keep_organ(np.stack([np.ones(shape), np.zeros(shape), np.zeros(shape)]))[1:].any()

@@ -10,18 +10,31 @@ from KDSegmentationLib.tasks.components import largest_component_in_box
 from KDSegmentationLib.tasks.ct import ct_window, labels_on_input_grid, prepare_ct_volume, segment_volumes
 
 
-def liver_postprocess(labels: np.ndarray) -> np.ndarray:
-    """uint8 labels (z, y, x) 0/1/2 -> the same with only the largest connected organ (liver+tumour) component kept.
+def keep_organ(prob_zyx: np.ndarray) -> np.ndarray:
+    """Class probabilities (C, z, y, x) on the model grid -> a copy in which only the organ's largest 26-connected
+    component (liver + tumour, by argmax) and the model voxels touching it keep their values; elsewhere background is
+    certain.
 
-    Why: false positives in spleen/heart are disconnected from the liver, and a tumour is by definition in the liver.
+    Why on the model grid: false positives in spleen or heart are disconnected from the liver, and a tumour lies in
+    the liver by definition. Choosing the organ on the 3 mm grid costs a few ms, where the same choice on a
+    512 x 512 x 300 input grid cost about 0.2 s, and the return to the input grid then interpolates the organ's
+    box only. The voxels touching the organ keep their values because the interpolation at its boundary reads them.
     """
-    found = largest_component_in_box(labels > 0)
-    out = np.zeros_like(labels)
-    if found is not None:
-        box, organ = found
-        # labels are 0/1/2 and the organ lies where they are > 0: keeping the labels inside it is exactly "1 in the
-        # organ, 2 where it is tumour", in one uint8 pass over the organ's box
-        out[box] = labels[box] * organ
+    import SimpleITK as sitk
+
+    out = np.zeros_like(prob_zyx)
+    out[0] = 1
+    found = largest_component_in_box(prob_zyx[1:].max(axis=0) > prob_zyx[0])
+    if found is None:
+        return out
+    box, organ = found
+    shape = prob_zyx.shape[1:]
+    grown = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, n)) for b, n in zip(box, shape))
+    padded = np.zeros(tuple(g.stop - g.start for g in grown), np.uint8)
+    padded[tuple(slice(b.start - g.start, b.stop - g.start) for b, g in zip(box, grown))] = organ
+    near = sitk.GetArrayFromImage(sitk.BinaryDilate(sitk.GetImageFromArray(padded), (1, 1, 1), sitk.sitkBox)) > 0
+    for c in range(prob_zyx.shape[0]):
+        out[c][grown] = np.where(near, prob_zyx[c][grown], out[c][grown])
     return out
 
 
@@ -32,7 +45,7 @@ class LiverPipeline(TaskPipeline):
         return NetworkInput(tensor=tensor, context=prepared, roi_zyx=tuple(reversed(self.spec.roi_size)))
 
     def to_input_grid(self, probabilities, prepared: NetworkInput, image, threshold: float = 0.5) -> InputGridOutput:
-        labels = labels_on_input_grid(probabilities[0], prepared.context, postprocess=liver_postprocess)
+        labels = labels_on_input_grid(keep_organ(probabilities[0]), prepared.context)
         return InputGridOutput(labels=labels, geometry=image)
 
     def measure(self, output: InputGridOutput, prepared: NetworkInput, image) -> Dict[str, dict]:
