@@ -271,7 +271,9 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liv
              "(`train_all.sh liver_cv 0 1 2`: each fold's teacher and student are trained on six cases and never "
              "see the other three, not even for checkpoint selection); the shipped pair is then trained with the "
              "same recipe on all nine (`train_all.sh liver`); its student also learns from seven unlabelled CTs of "
-             "another hospital through the teacher alone. It is checked on the TotalSegmentator example CT from "
+             "another hospital through the teacher alone. The liver is scored as the organ with the tumours inside it, "
+             "as LiTS scores it and as the panel shows it while the tumour segment is withheld; tumours are scored "
+             "voxel by voxel and lesion by lesion. The shipped pair is checked on the TotalSegmentator example CT from "
              "another hospital and contrast phase.", ""]
     for e in entries:
         h, card = e["header"], e["header"]["card"]

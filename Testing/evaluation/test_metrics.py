@@ -144,3 +144,21 @@ def test_mean_metrics_skips_none():
     assert agg["Liver"]["hd95_mm"]["mean"] == pytest.approx(5.0) and agg["Liver"]["hd95_mm"]["n"] == 2
     assert agg["Liver tumor"]["hd95_mm"] == {"mean": 10.0, "sd": None, "n": 1}
     assert metrics.mean_metrics([]) == {}
+
+
+def test_an_organ_is_scored_with_the_lesions_inside_it():
+    """A liver segmented whole (its tumour not told apart) is a perfect liver, as LiTS scores it; the tumour
+    itself is then missed."""
+    ref = np.zeros((6, 20, 20), np.uint8)
+    ref[1:5, 2:18, 2:18] = 1
+    ref[2:4, 8:12, 8:12] = 2              # the tumour inside the liver
+    pred = (ref > 0).astype(np.uint8)     # the organ, tumour included, all labelled liver
+    labels = {1: "Liver", 2: "Liver tumor"}
+    whole = metrics.segmentation_metrics(pred, ref, (1.0, 1.0, 2.0), labels, contains={1: [2]})
+    assert whole["Liver"]["dice"] == 1.0 and whole["Liver tumor"]["dice"] == 0.0
+    strict = metrics.segmentation_metrics(pred, ref, (1.0, 1.0, 2.0), labels)
+    assert strict["Liver"]["dice"] < 0.99 and strict["Liver"]["precision"] < 1.0
+    from KDSegmentationLib.evaluation.evaluate import organ_contents
+    from KDSegmentationLib.tasks import get_task
+
+    assert organ_contents(get_task("liver")) == {1: [2]} and organ_contents(get_task("retina")) == {}

@@ -18,6 +18,12 @@ def _labels(task: TaskSpec) -> Dict[int, str]:
     return {lab.value: lab.name for lab in task.labels}
 
 
+def organ_contents(task: TaskSpec) -> Dict[int, List[int]]:
+    """{organ label value: values of the labels inside it} (the liver: its tumours)."""
+    return {lab.value: [o.value for o in task.labels if o.within == lab.value] for lab in task.labels
+            if any(o.within == lab.value for o in task.labels)}
+
+
 def _values_by_task(names_to_values: Dict[str, int], task: TaskSpec) -> Dict[int, int]:
     """Map a file's label values onto the task's: by segment name when the names match, else by value."""
     mapping = {}
@@ -46,7 +52,7 @@ def evaluate_pair(task_name: str, pred_path: str, ref_path: str) -> Dict:
                          "resample one onto the other first")
     pa = _remap(sitk.GetArrayFromImage(pred), _values_by_task(pred_names, task))
     ra = _remap(sitk.GetArrayFromImage(ref), _values_by_task(ref_names, task))
-    metrics = segmentation_metrics(pa, ra, ref.GetSpacing(), _labels(task))
+    metrics = segmentation_metrics(pa, ra, ref.GetSpacing(), _labels(task), contains=organ_contents(task))
     return {"task": task.name, "pred": str(pred_path), "ref": str(ref_path), "metrics": metrics}
 
 
@@ -154,7 +160,7 @@ def _eval_full_pipeline(case, task: TaskSpec, loaded, dev) -> Dict:
     ref = sitk.GetArrayFromImage(ref_img)
     if ref.shape != pred.shape:
         raise InputError(f"reference of case {case.case_id} is not on the image grid")
-    metrics = segmentation_metrics(pred, ref, image.GetSpacing(), labels)
+    metrics = segmentation_metrics(pred, ref, image.GetSpacing(), labels, contains=organ_contents(task))
     for lab in task.labels:
         if lab.within is not None:  # a lesion inside its organ: also counted lesion by lesion
             metrics[lab.name].update(lesion_detection(pred == lab.value, ref == lab.value, image))

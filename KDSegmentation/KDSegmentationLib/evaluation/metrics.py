@@ -111,8 +111,8 @@ def _is_physical(spacing: Sequence[float]) -> bool:
 
 
 def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float], labels: Mapping[int, str],
-                         prob: Optional[Mapping[int, np.ndarray]] = None, mask: Optional[np.ndarray] = None
-                         ) -> Dict[str, Metrics]:
+                         prob: Optional[Mapping[int, np.ndarray]] = None, mask: Optional[np.ndarray] = None,
+                         contains: Optional[Mapping[int, Sequence[int]]] = None) -> Dict[str, Metrics]:
     """Per-label metrics -> {label name: {dice, jaccard, precision, recall, hd95_mm, volume_pred_ml, volume_ref_ml,
     [area_pred_px, area_ref_px, area_pred_mm2, area_ref_mm2 for 2D], [average_precision, auc with prob]}}.
 
@@ -120,6 +120,8 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence
     (x, y[, z]) mm; labels: {value: name}; prob: {value: scores on the same grid}; mask: bool, restricts every metric
     (e.g. the fundus field of view). 2D images report areas: pixels always, mm^2 only when the spacing is physical
     (spacing (1, 1) means unknown, as for photos, and then hd95_mm is in pixels); their volumes are None.
+    contains: {value: values of the labels inside it}: an organ is scored with the lesions it contains, in the
+    prediction and in the reference, as LiTS scores the liver (the organ a clinician sees is the whole liver).
     """
     pred = np.asarray(pred)
     ref = np.asarray(ref)
@@ -140,7 +142,8 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence
 
     out: Dict[str, Metrics] = {}
     for value, name in labels.items():
-        p, r = pred == value, ref == value
+        inner = list((contains or {}).get(value, ()))
+        p, r = (np.isin(pred, [value] + inner), np.isin(ref, [value] + inner)) if inner else (pred == value, ref == value)
         if mask is not None:
             p &= mask
             r &= mask
