@@ -152,7 +152,52 @@ def test_the_organ_chosen_on_the_model_grid_is_the_largest_component_on_the_inpu
     prob[2][tumour], prob[1][tumour] = prob[1][tumour] * 0.6, prob[1][tumour] * 0.4
     full = labels_on_input_grid(prob, prepared)
     want = full * largest_component(full > 0)
-    got = labels_on_input_grid(keep_organ(prob), prepared)
+    got = labels_on_input_grid(keep_organ(prob, LIVER.spacing_mm), prepared)
     assert (full > 0).sum() > (want > 0).sum() > 50 and (want == 2).any()
     np.testing.assert_array_equal(got, want)
-    assert not keep_organ(np.stack([np.ones(shape), np.zeros(shape), np.zeros(shape)]))[1:].any()
+    assert not keep_organ(np.stack([np.ones(shape), np.zeros(shape), np.zeros(shape)]), LIVER.spacing_mm)[1:].any()
+
+
+def _ball(shape, centre, radius_vox):
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    return (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius_vox ** 2
+
+
+def test_a_structure_joined_through_a_neck_is_cut_off_and_the_organs_own_thin_parts_stay():
+    """A 'liver' (3 mm grid) with a 'heart' joined through a 2-voxel neck, and a thin tail of its own: the heart
+    goes, the cut runs at the neck, the tail stays; without a second structure the mask is returned whole."""
+    from KDSegmentationLib.tasks.components import main_part
+
+    shape = (40, 40, 70)
+    liver = _ball(shape, (20, 20, 20), 12)
+    heart = _ball(shape, (20, 20, 52), 9)
+    neck = np.zeros(shape, bool)
+    neck[19:21, 19:21, 30:45] = True                      # 6 mm thick: narrower than 2 x 6 mm
+    tail = np.zeros(shape, bool)
+    tail[20, 3:9, 18:22] = True                           # a lobe's thin tip, attached to the liver
+    mask = liver | heart | neck | tail
+    part = main_part(mask, (3.0, 3.0, 3.0))
+    assert part[liver].all() and part[tail].all() and not part[heart].any()
+    assert not part[19:21, 19:21, 40:45].any()          # the neck goes with the heart beyond its middle
+    np.testing.assert_array_equal(main_part(liver | tail, (3.0, 3.0, 3.0)), liver | tail)
+    # a thick junction (a broad contact) is not a neck: the two stay one
+    broad = liver | heart
+    broad[8:32, 8:32, 28:45] |= _ball(shape, (20, 20, 36), 11)[8:32, 8:32, 28:45]
+    assert main_part(broad, (3.0, 3.0, 3.0)).sum() == broad.sum()
+
+
+def test_the_liver_pipeline_drops_a_heart_joined_across_the_diaphragm():
+    """keep_organ with the heart case on the model grid: only the liver and its surrounding background are left."""
+    from KDSegmentationLib.tasks.liver import keep_organ
+
+    shape = (40, 40, 70)
+    liver = _ball(shape, (20, 20, 20), 12)
+    heart = _ball(shape, (20, 20, 52), 9)
+    neck = np.zeros(shape, bool)
+    neck[19:21, 19:21, 30:45] = True
+    prob = np.zeros((3,) + shape, np.float32)
+    prob[1] = np.where(liver | heart | neck, 0.9, 0.05)
+    prob[0] = 1.0 - prob[1]
+    kept = keep_organ(prob, (3.0, 3.0, 3.0))
+    organ = kept[1:].max(axis=0) > kept[0]
+    assert organ[liver].all() and not organ[heart].any() and organ.sum() < liver.sum() + neck.sum()

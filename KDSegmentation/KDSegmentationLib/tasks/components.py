@@ -62,6 +62,32 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def main_part(mask: np.ndarray, spacing_xyz: Sequence[float], neck_mm: float = 6.0,
+              min_part_ml: float = 10.0) -> np.ndarray:
+    """The part of one connected ``mask`` (bool (z, y, x), spacing (x, y, z) mm) that is not another structure
+    joined to it through a neck narrower than 2 x ``neck_mm``; the mask itself when there is none.
+
+    Eroding by ``neck_mm`` cuts every such neck; each core left of at least ``min_part_ml`` (of eroded volume) is a
+    structure of its own, and a watershed on the distance to the mask's border gives every voxel to one core, so the
+    cut runs along the narrowest place. The largest core's share is kept: a heart that a liver model labels across
+    the diaphragm, or a kidney pressed against the liver, goes; thin parts of the organ itself (a lobe's tip)
+    stay with it, as their cores are smaller than ``min_part_ml`` or absent.
+    """
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(mask, np.uint8))
+    image.SetSpacing([float(s) for s in spacing_xyz])
+    radius = [max(1, int(round(neck_mm / s))) for s in spacing_xyz]
+    core = sitk.BinaryErode(image, radius, sitk.sitkBall)
+    voxel_ml = float(np.prod(spacing_xyz)) / 1000.0
+    cores = sitk.RelabelComponent(sitk.ConnectedComponent(core, True), int(np.ceil(min_part_ml / voxel_ml)))
+    if int(sitk.GetArrayViewFromImage(cores).max()) <= 1:  # one structure (or none big enough to tell)
+        return np.asarray(mask, bool)
+    depth = sitk.SignedMaurerDistanceMap(image, insideIsPositive=True, squaredDistance=False, useImageSpacing=True)
+    shares = sitk.MorphologicalWatershedFromMarkers(-depth, cores, markWatershedLine=False, fullyConnected=True)
+    return (sitk.GetArrayFromImage(shares) == 1) & np.asarray(mask, bool)  # RelabelComponent: 1 is the largest
+
+
 def select_component(mask: np.ndarray, seed: Sequence[int], spacing_mm: Sequence[float],
                      max_distance_mm: float = 10.0) -> np.ndarray:
     """Keep the 3D connected component (26-neighbourhood) of ``mask`` that contains ``seed``; uint8 0/1.
