@@ -56,7 +56,9 @@ LICENSES = {
     "lung_nodule": "LIDC-IDRI (TCIA, CC BY 3.0; Armato et al., Med Phys 2011). Crops from the public "
                    "LIDC-IDRI-slices collection; HU slabs of patients 0001-0003.",
     "liver": "RadCTTACEomics sample cases (license unverified: internal evaluation only; the images are not "
-             "redistributed, only the weights trained on them).",
+             "redistributed, only the weights trained on them). Students also learn from seven unlabelled CTs of "
+             "HCC-TACE-Seg (TCIA, MD Anderson, CC BY 4.0; Moawad et al. 2021, doi:10.7937/TCIA.5FNA-0924) through "
+             "the teacher alone.",
 }
 
 
@@ -120,10 +122,20 @@ def _per_case_dice(result, label="Liver"):
     return {c["case"]: c["metrics"][label]["dice"] for c in result["cases"]}
 
 
+def _fold_ts_dice(role, data_root, runs, threads, folds=3):
+    """Liver Dice of each fold model on the TotalSegmentator example CT (another hospital)."""
+    out = []
+    for k in range(folds):
+        res = totalsegmentator_example(runs / "liver_cv" / f"fold{k}" / f"liver_{role}.kdseg.pt", data_root, threads)
+        out.append(res["cases"][0]["metrics"]["Liver"]["dice"] if res else None)
+    return out
+
+
 def liver_unlabelled_comparison(shipped_cv, data_root, runs, threads):
-    """The liver student's cross-validation with the unlabelled CTs of another hospital (``shipped_cv``) against the
-    same recipe without them (``train_all.sh liver_student_no_unlabelled``): per-case Dice of both; None when the
-    comparison models are missing."""
+    """The liver student's cross-validation (``shipped_cv``, its recipe learns from the unlabelled CTs of another
+    hospital) against the same recipe without them (``train_all.sh liver_student_no_unlabelled``): per-case Dice of
+    both, and each fold model's Dice on the TotalSegmentator example CT; None when the comparison models are
+    missing."""
     without = cross_validation("liver", "student_no_unlabelled", data_root, runs, threads)
     if not (without and shipped_cv):
         return None
@@ -131,7 +143,9 @@ def liver_unlabelled_comparison(shipped_cv, data_root, runs, threads):
     diffs = [with_u[c] - without_u[c] for c in with_u]
     return {"cases": sorted(with_u), "dice_with": with_u, "dice_without": without_u,
             "mean_with": statistics.mean(with_u.values()), "mean_without": statistics.mean(without_u.values()),
-            "mean_difference": statistics.mean(diffs), "sd_difference": statistics.stdev(diffs)}
+            "mean_difference": statistics.mean(diffs), "sd_difference": statistics.stdev(diffs),
+            "other_hospital_with": _fold_ts_dice("student", data_root, runs, threads),
+            "other_hospital_without": _fold_ts_dice("student_no_unlabelled", data_root, runs, threads)}
 
 
 def calibrated_evaluation(task, path, data_root, threads):
@@ -244,16 +258,18 @@ def _teacher_student_lines(entries):
 def _liver_unlabelled_lines(cmp):
     per_case = ", ".join(f"{c.rsplit('_', 1)[-1]} {cmp['dice_with'][c]:.3f}/{cmp['dice_without'][c]:.3f}"
                          for c in cmp["cases"])
+    folds = lambda key: ", ".join("n/a" if v is None else f"{v:.3f}" for v in cmp.get(key, []))  # noqa: E731
     return ["## Liver: distillation on unlabelled CTs of another hospital", "",
             "The liver student of each cross-validation fold distilled with and without the seven unlabelled "
             "contrast CTs of HCC-TACE-Seg (another hospital; a quarter of each batch, learnt from the teacher "
             "alone), same teacher, recipe, budget and seed (`train_all.sh liver_student` and "
-            "`liver_student_no_unlabelled`). Liver Dice on the nine cross-validation cases.", "",
-            "| student | Dice mean |", "|---|---|",
-            f"| with the unlabelled CTs (shipped recipe) | {cmp['mean_with']:.3f} |",
-            f"| without them | {cmp['mean_without']:.3f} |", "",
-            f"Difference per case: {100 * cmp['mean_difference']:+.1f} ± {100 * cmp['sd_difference']:.1f} points "
-            f"(with/without: {per_case}).", ""]
+            "`liver_student_no_unlabelled`). Liver Dice on the nine cross-validation cases, and of each fold's "
+            "student on the TotalSegmentator example CT (a third hospital; its reference is that model's output).", "",
+            "| student | cross-validation Dice | TotalSegmentator example, fold 0, 1, 2 |", "|---|---|---|",
+            f"| with the unlabelled CTs (shipped recipe) | {cmp['mean_with']:.3f} | {folds('other_hospital_with')} |",
+            f"| without them | {cmp['mean_without']:.3f} | {folds('other_hospital_without')} |", "",
+            f"Cross-validation difference per case: {100 * cmp['mean_difference']:+.1f} ± "
+            f"{100 * cmp['sd_difference']:.1f} points (with/without: {per_case}).", ""]
 
 
 def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liver_unlabelled=None):
@@ -264,8 +280,8 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liv
              "over cases. Speed: see `benchmarks/results/benchmarks.md`.", "",
              "All models were trained on a 2-core CPU (no GPU) with short time budgets: "
              "`bash scripts/train_all.sh all DATA_ROOT OUT` (DATA_ROOT holds the datasets or their "
-             "`kdseg prepare` caches: RadCT, HCC_TACE, LIDC, DRIVE, CHASE). The exact command of each model is below and in "
-             "its file (`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters to train on "
+             "`kdseg prepare` caches: RadCT, HCC_TACE, LIDC, DRIVE, CHASE). The exact command of each model is "
+             "below and in its file (`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters to train on "
              "a CPU; with a GPU, raise the budgets (MINUTES_SCALE) and the teachers' width.", "",
              "Liver: nine cases are few, so the accuracy reported is a 3-fold cross-validation by case "
              "(`train_all.sh liver_cv 0 1 2`: each fold's teacher and student are trained on six cases and never "
