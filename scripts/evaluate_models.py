@@ -451,7 +451,7 @@ def main(argv=None):
     if args.runs and liver_cv:
         liver_unlabelled = liver_unlabelled_comparison(liver_cv[0], args.data, args.runs, args.threads)
     if args.reuse:  # sections whose runs are not at hand keep their committed numbers
-        stored = json.loads((args.models / "evaluation.json").read_text())
+        stored = json.loads((args.models / "evaluation.json").read_text(encoding="utf-8"))
         if not ablations:
             ablations, budgets = stored.get("ablation", {}), stored.get("ablation_minutes_per_run", {})
         full_budget = full_budget or stored.get("labels_only_full_budget", {})
@@ -478,8 +478,8 @@ def main(argv=None):
                "local_distillation": {k: v["mean"] for k, v in local.items()},
                "liver_unlabelled": liver_unlabelled}
     write_json(args.models / "evaluation.json", summary)
-    (args.models / "MODEL_CARDS.md").write_text(card_markdown(entries, ablations, local, budgets, full_budget,
-                                                                       liver_unlabelled))
+    cards = card_markdown(entries, ablations, local, budgets, full_budget, liver_unlabelled)
+    (args.models / "MODEL_CARDS.md").write_text(cards, encoding="utf-8")
     print(f"wrote {args.models / 'MODEL_CARDS.md'}")
     return 0
 

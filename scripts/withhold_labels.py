@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[1] / "Resources" / "Models")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
-    summary = json.loads((args.models / "evaluation.json").read_text())
+    summary = json.loads((args.models / "evaluation.json").read_text(encoding="utf-8"))
     for entry in summary["models"]:
         task = get_task(entry["name"].rsplit("_", 1)[0])
         withheld = withheld_for(entry, task)

@@ -11,6 +11,10 @@ from conftest import REPO
 MODELS = REPO / "Resources" / "Models"
 
 
+def _text(path):
+    return path.read_text(encoding="utf-8")  # the cards hold non-ASCII signs; the locale may be ASCII
+
+
 def _script():
     spec = importlib.util.spec_from_file_location("evaluate_models", REPO / "scripts" / "evaluate_models.py")
     module = importlib.util.module_from_spec(spec)
@@ -25,13 +29,13 @@ def test_the_committed_cards_are_regenerated_from_the_committed_evaluations(tmp_
     # every model keeps its stored evaluation and every section its committed numbers: no data is read
     assert _script().main(["--data", str(tmp_path / "no-data"), "--models", str(models), "--reuse",
                            "--no-update"]) == 0
-    assert (models / "MODEL_CARDS.md").read_text() == (MODELS / "MODEL_CARDS.md").read_text()
-    assert json.loads((models / "evaluation.json").read_text()) == json.loads((MODELS / "evaluation.json").read_text())
+    assert _text(models / "MODEL_CARDS.md") == _text(MODELS / "MODEL_CARDS.md")
+    assert json.loads(_text(models / "evaluation.json")) == json.loads(_text(MODELS / "evaluation.json"))
 
 
 def test_each_teacher_is_set_against_its_student_on_the_same_data():
     script = _script()
-    summary = json.loads((MODELS / "evaluation.json").read_text())
+    summary = json.loads(_text(MODELS / "evaluation.json"))
     entries = [{"name": m["name"], "evaluations": m["evaluations"]} for m in summary["models"]]
     rows = [line for line in script._teacher_student_lines(entries) if line.startswith("| ") and "---" not in line]
     by_name = {e["name"]: e for e in entries}
