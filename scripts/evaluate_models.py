@@ -281,8 +281,8 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liv
              "All models were trained on a 2-core CPU (no GPU) with short time budgets: "
              "`bash scripts/train_all.sh all DATA_ROOT OUT` (DATA_ROOT holds the datasets or their "
              "`kdseg prepare` caches: RadCT, HCC_TACE, LIDC, DRIVE, CHASE). The exact command of each model is "
-             "below and in its file (`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters to train on "
-             "a CPU; with a GPU, raise the budgets (MINUTES_SCALE) and the teachers' width.", "",
+             "below and in its file (`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters "
+             "to train on a CPU; with a GPU, raise the budgets (MINUTES_SCALE) and the teachers' width.", "",
              "Liver: nine cases are few, so the accuracy reported is a 3-fold cross-validation by case "
              "(`train_all.sh liver_cv 0 1 2`: each fold's teacher and student are trained on six cases and never "
              "see the other three, not even for checkpoint selection); the shipped pair is then trained with the "

@@ -142,8 +142,8 @@ def segmentation_metrics(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence
 
     out: Dict[str, Metrics] = {}
     for value, name in labels.items():
-        inner = list((contains or {}).get(value, ()))
-        p, r = (np.isin(pred, [value] + inner), np.isin(ref, [value] + inner)) if inner else (pred == value, ref == value)
+        members = [value, *(contains or {}).get(value, ())]
+        p, r = np.isin(pred, members), np.isin(ref, members)
         if mask is not None:
             p &= mask
             r &= mask

@@ -123,7 +123,7 @@ def _possible_classes(prob_zyx: np.ndarray, k0: int, k1: int, normalised: bool):
 
 
 def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_vox: int = 1,
-                         min_prob: float = 0.3, postprocess=None, slab_vox: int = 2,
+                         min_prob: float = 0.3, slab_vox: int = 2,
                          min_slab_voxels: int = 1 << 18) -> np.ndarray:
     """Class probabilities (C, z, y, x) on the model grid -> argmax labels uint8 (Z, Y, X) on the input grid.
 
@@ -135,8 +135,8 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
     voxels around a point on each axis, so ``margin_vox`` = 1 model voxel around them is exact. Grids that share
     their axes (the CT pipeline's) interpolate only where the label can change (:mod:`linear_argmax`); others are
     resampled by ITK in slabs of ``slab_vox`` model slices (at least ``min_slab_voxels`` input voxels), each in its
-    own (y, x) box and only for the classes that can win there. ``postprocess`` (labels -> labels, uint8) runs on
-    the whole box.
+    own (y, x) box and only for the classes that can win there. Organ post-processing belongs on the model grid,
+    before this (``liver.keep_organ``).
     """
     labels = np.zeros(prepared.original.GetSize()[::-1], np.uint8)
     fg = (1.0 - prob_zyx[0]) >= min_prob
@@ -152,8 +152,6 @@ def labels_on_input_grid(prob_zyx: np.ndarray, prepared: PreparedVolume, margin_
         box_labels = argmax_on_input_box(prob_zyx, prepared.grid, prepared.original, start, stop)
     else:
         box_labels = _resampled_argmax(prob_zyx, prepared, fg, start, stop, margin_vox, slab_vox, min_slab_voxels)
-    if postprocess is not None:
-        box_labels = postprocess(box_labels)
     labels[start[2]:stop[2] + 1, start[1]:stop[1] + 1, start[0]:stop[0] + 1] = box_labels
     return labels
 

@@ -20,8 +20,8 @@ def keep_organ(prob_zyx: np.ndarray, spacing_xyz: Sequence[float]) -> np.ndarray
     are disconnected from the liver or joined to it only there, and a tumour lies in the liver by definition.
     Choosing the organ on the 3 mm grid costs about 50 ms (a 134 x 134 x 71 grid, the neck search included), where
     the component alone on a 512 x 512 x 300 input grid cost about 0.2 s, and the return to the input grid then
-    interpolates the organ's box only. The background voxels
-    touching the organ keep their values because the interpolation at its boundary reads them.
+    interpolates the organ's box only. The background voxels touching the organ keep their values because the
+    interpolation at its boundary reads them.
     """
     import SimpleITK as sitk
 
