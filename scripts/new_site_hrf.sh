@@ -20,28 +20,9 @@ export PYTHONPATH="$HERE/KDSegmentation${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THRE
 R=$SHARED/retina; M=$HERE/Resources/Models; mkdir -p "$OUT"
 kdseg() { python3 -m KDSegmentationLib "$@"; }
 
-# folders of links: DRIVE + CHASE 01-10 (images/labels/fov), the unlabelled HRF half, the HRF test ids
-DC=$OUT/data_drive_chase; UNL=$OUT/data_hrf_unlabelled
-if [ ! -d "$DC" ]; then
-  mkdir -p "$DC/images" "$DC/labels" "$DC/fov"
-  for f in "$R"/DRIVE/training/images/*; do id=$(basename "$f" | cut -d_ -f1)
-    ln -s "$f" "$DC/images/drive_$id.tif"; ln -s "$R/DRIVE/training/1st_manual/${id}_manual1.gif" "$DC/labels/drive_$id.gif"
-    ln -s "$R/DRIVE/training/mask/${id}_training_mask.gif" "$DC/fov/drive_$id.gif"; done
-  for n in 01 02 03 04 05 06 07 08 09 10; do for s in L R; do
-    ln -s "$R/CHASE_DB1/images/Image_${n}${s}.jpg" "$DC/images/chase_${n}${s}.jpg"
-    ln -s "$R/CHASE_DB1/manual/Image_${n}${s}_1stHO.png" "$DC/labels/chase_${n}${s}.png"; done; done
-fi
-IDS=$(python3 - "$R/HRF/cases.json" "$UNL" <<'PY'
-import json, os, sys
-cases = json.load(open(sys.argv[1]))
-os.makedirs(sys.argv[2], exist_ok=True)
-for c in cases:
-    link = os.path.join(sys.argv[2], c["id"] + ".jpg")
-    if c["split_in_source"] == "training" and not os.path.lexists(link):
-        os.symlink(os.path.join(os.path.dirname(sys.argv[1]), "images", c["id"] + ".jpg"), link)
-print(",".join(c["id"] for c in cases if c["split_in_source"] == "test"))
-PY
-)
+# folders of links (scripts/retina_sets.py): DRIVE + CHASE 01-10, the unlabelled HRF half; the HRF test ids
+DC=$OUT/DRIVE_CHASE; UNL=$OUT/HRF_unlabelled
+IDS=$(python3 "$HERE/scripts/retina_sets.py" "$R" "$OUT")
 
 T=$OUT/retina_teacher_dc.kdseg.pt
 if [ ! -f "$T" ]; then

@@ -6,12 +6,15 @@
 #   bash scripts/train_all.sh STEP DATA_ROOT OUT_DIR
 #
 # STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver (the shipped
-# pair, all nine cases), liver_cv FOLD..., liver_teacher FOLD|all..., liver_student[_no_unlabelled] FOLD|all...,
+# pair, all nine cases), liver_cv FOLD..., liver_teacher FOLD|all...,
+# liver_student[_no_unlabelled|_instance_norm] FOLD|all...,
 # ablation TASK, local_distill (teachers before their students), calibrate ORIGINAL_DATA_ROOT (decision
 # thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA), labels_only TASK (the full-budget
 # comparison without the teacher).
 # DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders), HCC_TACE
-# (unlabelled_HCC-TACE-Seg), LIDC (LIDC-IDRI-slices), DRIVE, CHASE (CHASE_DB1).
+# (unlabelled_HCC-TACE-Seg), LIDC (LIDC-IDRI-slices), and the retina sets DRIVE_CHASE (DRIVE training + CHASE_DB1
+# children 01-10) and HRF_unlabelled (HRF's training half, no masks), made by
+# 'python scripts/retina_sets.py SHARED/retina DATA_ROOT'.
 # MINUTES_SCALE (default 1) scales every time budget.
 set -euo pipefail
 STEP=${1:?step}; DATA=${2:?data root}; OUT=${3:?output folder}
@@ -30,16 +33,17 @@ print(json.dumps(d('$1', 'student')[1]))"; }
 KD="--losses kd=1 --alpha 0.5 --temperature 2"
 # CPU-sized teachers for the 2D tasks (about 2M parameters, still >= 20x their students)
 T2D='{"filters": [16, 32, 64, 128, 256]}'
-RET="--data $DATA/DRIVE --patch 128,128 --batch-size 8 --val-fraction 0.15 --val-every 150"
+RET="--data $DATA/DRIVE_CHASE --patch 128,128 --batch-size 8 --val-fraction 0.15 --val-every 150"
 LUNG="--data $DATA/LIDC --patch 96,96 --batch-size 16 --soft-labels --val-every 300"
 # liver: 3-fold cross-validation by case (each fold's teacher and student never see its three cases, not even for
 # checkpoint selection: the last checkpoint is kept), then the shipped models with the same recipe on all nine
 LIV="--data $DATA/RadCT --val-every 100000000 --patch 32,64,64 --batch-size 2"
-LIV_KD="--teacher-targets stored"
+STORED="--teacher-targets stored"   # the teacher's soft labels computed once per training image
+LIV_KD=$STORED
 LIV_UNLABELLED="--unlabelled $DATA/HCC_TACE --unlabelled-fraction 0.25"
 
 retina_teacher() {
-  kd retina_teacher train-teacher --task retina $RET --arch-args "$T2D" --seed 0 --max-minutes "$(m 9)" \
+  kd retina_teacher train-teacher --task retina $RET --arch-args "$T2D" --seed 1 --max-minutes "$(m 50)" \
      --output "$OUT/retina_teacher.kdseg.pt"
 }
 lung_nodule_teacher() {
@@ -47,7 +51,7 @@ lung_nodule_teacher() {
      --output "$OUT/lung_nodule_teacher.kdseg.pt"
 }
 retina_student() {
-  kd retina_student distill --task retina $RET $KD --seed 0 --teacher "$OUT/retina_teacher.kdseg.pt" \
+  kd retina_student distill --task retina $RET $KD --seed 0 --teacher "$OUT/retina_teacher.kdseg.pt" $STORED \
      --max-minutes "$(m 20)" --output "$OUT/retina_student.kdseg.pt"
 }
 lung_nodule_student() {
@@ -80,6 +84,9 @@ liver_student() {   # FOLD... (after its teacher)
 liver_student_no_unlabelled() {   # FOLD...: the same student without the other hospital's CTs, for comparison
   liver_student_as liver_student_no_unlabelled "" "$@"
 }
+liver_student_instance_norm() {   # FOLD...: the same student with instance instead of batch normalisation
+  liver_student_as liver_student_instance_norm "$LIV_UNLABELLED --arch-args {\"norm\":\"instance\"}" "$@"
+}
 liver_cv() {   # FOLD...: cross-validation folds (0 1 2)
   for f in "$@"; do liver_teacher $f; liver_student $f; done
 }
@@ -106,16 +113,18 @@ ablation() {   # TASK: same student, same (short) budget and seeds, with and wit
     done
   done
 }
-local_distill() {   # local distillation: the shipped retina student adapts to another camera from unlabelled photographs
-  kd retina_student_local_chase distill --task retina $RET $KD --seed 0 --unlabelled "$DATA/CHASE" \
+local_distill() {   # local distillation: the shipped retina student adapts to a third camera (HRF) from its
+  # unlabelled photographs, half of each batch, the labelled training photographs the other half
+  kd retina_student_local_hrf distill --task retina $RET $KD --seed 0 --unlabelled "$DATA/HRF_unlabelled" \
      --unlabelled-fraction 0.5 --init "$OUT/retina_student.kdseg.pt" --teacher "$OUT/retina_teacher.kdseg.pt" \
-     --max-minutes "$(m 3)" --lr 5e-4 --output "$OUT/retina_student_local_chase.kdseg.pt"
+     $STORED --max-minutes "$(m 12)" --lr 5e-4 --output "$OUT/retina_student_local_hrf.kdseg.pt"
 }
 calibrate() {   # ORIGINAL_DATA_ROOT (retina/DRIVE, lung/LIDC-IDRI-slices): decision thresholds on each model's
   # validation cases, through the same pipeline as kdseg segment (hence the original datasets, not the caches)
   local orig=${1:?original data root}
-  for m in retina_teacher retina_student; do
-    python3 -m KDSegmentationLib calibrate --model "$OUT/$m.kdseg.pt" --data "$orig/retina/DRIVE" > "$OUT/calibrate_$m.json"
+  for m in retina_teacher retina_student; do   # their validation cases are in DRIVE_CHASE, links to the originals
+    python3 -m KDSegmentationLib calibrate --model "$OUT/$m.kdseg.pt" --data "$DATA/DRIVE_CHASE" \
+      > "$OUT/calibrate_$m.json"
   done
   for m in lung_nodule_teacher lung_nodule_student; do
     python3 -m KDSegmentationLib calibrate --model "$OUT/$m.kdseg.pt" --data "$orig/lung/LIDC-IDRI-slices" \
