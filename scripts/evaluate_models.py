@@ -3,9 +3,9 @@
 
     python scripts/evaluate_models.py --data DATA_ROOT [--runs RUNS_DIR] [--models Resources/Models]
 
-DATA_ROOT holds the original datasets: retina/DRIVE, retina/CHASE_DB1, lung/LIDC-IDRI-slices,
-lung/LIDC-IDRI_c2c_slabs, liver/RadCTTACEomics. RUNS_DIR is the output folder of ``scripts/train_all.sh``: its
-ablation runs and the locally distilled retina student are evaluated too. Writes ``<models>/evaluation.json``,
+DATA_ROOT holds the original datasets: retina/DRIVE, retina/CHASE_DB1, retina/HRF, lung/LIDC-IDRI-slices,
+lung/LIDC-IDRI_c2c_slabs, lung/LIDC-IDRI-slices_0251-0500, liver/RadCTTACEomics. RUNS_DIR is the output folder of
+``scripts/train_all.sh``: its ablation runs and the locally distilled retina student are evaluated too. Writes ``<models>/evaluation.json``,
 ``<models>/MODEL_CARDS.md``, and stores each shipped model's held-out metrics in its file's card (same weights,
 new checksum).
 """
@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "KDSegmentation"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from KDSegmentationLib.evaluation.evaluate import evaluate_dataset  # noqa: E402
 from KDSegmentationLib.evaluation.lesions import pooled_detection  # noqa: E402
 from KDSegmentationLib.io.atomic import write_json  # noqa: E402
+from retina_sets import hrf_test_ids, link_drive_chase  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,13 +35,17 @@ EVALS = {
     "retina": [
         ("DRIVE test (20 images, observer 1, inside the FOV)", "retina/DRIVE", "test", "in-domain, unseen patients"),
         ("CHASE_DB1 test (children 11-14, 8 images, 1st observer)", "retina/CHASE_DB1", "test",
-         "another camera (Nidek, 999x960) never used in training"),
+         "the second training camera (Nidek, 999x960), children never seen (01-10 are in training)"),
+        ("HRF test half (Canon CR-1, 21 images: healthy, glaucoma, diabetic retinopathy)", "retina/HRF", "hrf-test",
+         "a third camera never used in training"),
     ],
     "lung_nodule": [
         ("LIDC-IDRI slices, test patients (125 nodules; consensus of the readers who marked each nodule)",
          "lung/LIDC-IDRI-slices", "test", "unseen patients, 8-bit crops"),
         ("LIDC-IDRI chest-CT slabs in HU (patients 0001-0003, full seed-point pipeline)",
          "lung/LIDC-IDRI_c2c_slabs", "all", "the real input (HU, native geometry) on test patients"),
+        ("LIDC-IDRI slices of patients 0251-0500 (215 other patients, 629 nodules; never used in training)",
+         "lung/LIDC-IDRI-slices_0251-0500", "all", "other patients (LIDC-IDRI pools seven academic centres)"),
     ],
     "liver": [
         ("RadCTTACEomics 3-fold cross-validation by case (each case segmented by the fold models that "
@@ -48,11 +54,14 @@ EVALS = {
          "same recipe"),
     ],
 }
-# the original dataset holding each task's validation cases (kdseg calibrate)
-CALIBRATION_DATA = {"retina": "retina/DRIVE", "lung_nodule": "lung/LIDC-IDRI-slices"}
+# the original dataset holding each task's validation cases (kdseg calibrate); retina's are in DRIVE_CHASE, a folder
+# of links made by scripts/retina_sets.py
+CALIBRATION_DATA = {"retina": "DRIVE_CHASE", "lung_nodule": "lung/LIDC-IDRI-slices"}
 LICENSES = {
-    "retina": "DRIVE (research use; not redistributed) for training; CHASE_DB1 (CC BY 4.0) only for testing and, "
-              "for the locally distilled variant, its unlabelled training images.",
+    "retina": "DRIVE training set (research use; not redistributed) and CHASE_DB1 children 01-10 (CC BY 4.0) for "
+              "training: two cameras. DRIVE test, CHASE_DB1 children 11-14 and the HRF test half (research use; "
+              "Budai et al. 2013) only for testing; HRF's training half, without its labels, for the locally "
+              "distilled variant.",
     "lung_nodule": "LIDC-IDRI (TCIA, CC BY 3.0; Armato et al., Med Phys 2011). Crops from the public "
                    "LIDC-IDRI-slices collection; HU slabs of patients 0001-0003.",
     "liver": "RadCTTACEomics sample cases (license unverified: internal evaluation only; the images are not "
@@ -131,21 +140,46 @@ def _fold_ts_dice(role, data_root, runs, threads, folds=3):
     return out
 
 
-def liver_unlabelled_comparison(shipped_cv, data_root, runs, threads):
-    """The liver student's cross-validation (``shipped_cv``, its recipe learns from the unlabelled CTs of another
-    hospital) against the same recipe without them (``train_all.sh liver_student_no_unlabelled``): per-case Dice of
-    both, and each fold model's Dice on the TotalSegmentator example CT; None when the comparison models are
-    missing."""
-    without = cross_validation("liver", "student_no_unlabelled", data_root, runs, threads)
-    if not (without and shipped_cv):
+# comparison students of the liver cross-validation (train_all.sh step liver_<role>): (heading, what differs,
+# the shipped student's row, the comparison's row)
+LIVER_COMPARISONS = {
+    "student_no_unlabelled": (
+        "Liver: distillation on unlabelled CTs of another hospital",
+        "distilled with and without the seven unlabelled contrast CTs of HCC-TACE-Seg (another hospital; a quarter "
+        "of each batch, learnt from the teacher alone)",
+        "with the unlabelled CTs (shipped recipe)", "without them"),
+    "student_instance_norm": (
+        "Liver: batch against instance normalisation in the student",
+        "with batch normalisation (folded into the convolutions at inference) and with instance normalisation "
+        "(the teacher's; statistics of each input, so no training statistics to be wrong on another hospital's "
+        "CT), both with the unlabelled CTs",
+        "batch normalisation (shipped)", "instance normalisation"),
+}
+
+
+def liver_student_comparison(shipped_cv, role, data_root, runs, threads):
+    """The liver student's cross-validation (``shipped_cv``) against a comparison student of each fold trained with
+    one change (``RUNS/liver_cv/fold<k>/liver_<role>.kdseg.pt``, :data:`LIVER_COMPARISONS`): per-case Dice of both,
+    and each fold model's Dice on the TotalSegmentator example CT; None when the comparison models are missing."""
+    other = cross_validation("liver", role, data_root, runs, threads)
+    if not (other and shipped_cv):
         return None
-    with_u, without_u = _per_case_dice(shipped_cv), _per_case_dice(without)
-    diffs = [with_u[c] - without_u[c] for c in with_u]
-    return {"cases": sorted(with_u), "dice_with": with_u, "dice_without": without_u,
-            "mean_with": statistics.mean(with_u.values()), "mean_without": statistics.mean(without_u.values()),
+    shipped, variant = _per_case_dice(shipped_cv), _per_case_dice(other)
+    diffs = [shipped[c] - variant[c] for c in shipped]
+    return {"role": role, "cases": sorted(shipped), "dice_shipped": shipped, "dice_variant": variant,
+            "mean_shipped": statistics.mean(shipped.values()), "mean_variant": statistics.mean(variant.values()),
             "mean_difference": statistics.mean(diffs), "sd_difference": statistics.stdev(diffs),
-            "other_hospital_with": _fold_ts_dice("student", data_root, runs, threads),
-            "other_hospital_without": _fold_ts_dice("student_no_unlabelled", data_root, runs, threads)}
+            "other_hospital_shipped": _fold_ts_dice("student", data_root, runs, threads),
+            "other_hospital_variant": _fold_ts_dice(role, data_root, runs, threads)}
+
+
+def calibration_folder(task, data_root):
+    """The folder holding ``task``'s validation cases; retina's links are made under the system's temp folder."""
+    if task != "retina":
+        return data_root / CALIBRATION_DATA[task]
+    import tempfile
+
+    return link_drive_chase(data_root / "retina", Path(tempfile.gettempdir()) / "kdseg_retina_sets" / "DRIVE_CHASE")
 
 
 def calibrated_evaluation(task, path, data_root, threads):
@@ -154,7 +188,7 @@ def calibrated_evaluation(task, path, data_root, threads):
     comparing both at 0.5 would not be fair. The threshold is stored in the run's file."""
     from KDSegmentationLib.evaluation.calibrate import calibrate, store_threshold
 
-    store_threshold(str(path), calibrate(str(path), str(data_root / CALIBRATION_DATA[task]), threads=threads))
+    store_threshold(str(path), calibrate(str(path), str(calibration_folder(task, data_root)), threads=threads))
     _, rel, split, _ = EVALS[task][0]
     return evaluate_dataset(task, str(data_root / rel), model=str(path), device="cpu", split=split, threads=threads)
 
@@ -181,6 +215,8 @@ def evaluate_model(task, path, data_root, threads, header, runs=None):
         if split == "card-val":
             kwargs["case_ids"] = header["card"]["split"]["val_cases"]
             split = "all"
+        elif split == "hrf-test":
+            kwargs["case_ids"], split = hrf_test_ids(data_root / "retina"), "all"
         t0 = time.perf_counter()
         res = evaluate_dataset(task, str(folder), model=str(path), device="cpu", split=split, threads=threads,
                                **kwargs)
@@ -206,8 +242,14 @@ def _threshold_line(header):
         return []
     by_t = dict(zip(cal["thresholds"], cal["mean_dice"]))
     at_half = f" (at 0.5: {by_t[0.5]:.3f})" if 0.5 in by_t else ""
-    return [f"- decision threshold: {cal['best_threshold']} — the best mean Dice on its {cal['n_cases']} validation "
-            f"cases, {cal['best_dice']:.3f}{at_half} (`kdseg calibrate`, `train_all.sh calibrate`)"]
+    if "standard_error" not in cal:
+        return [f"- decision threshold: {cal['best_threshold']} — the best mean Dice on its {cal['n_cases']} "
+                f"validation cases, {cal['best_dice']:.3f}{at_half} (`kdseg calibrate`, `train_all.sh calibrate`)"]
+    top_t = max(by_t, key=lambda t: by_t[t])
+    return [f"- decision threshold: {cal['best_threshold']} — mean Dice {cal['best_dice']:.3f} on its {cal['n_cases']} "
+            f"validation cases; the top is {cal['top_dice']:.3f} at {top_t}, standard error {cal['standard_error']:.3f}: "
+            "the threshold nearest 0.5 within one standard error of the top is kept (`kdseg calibrate`, "
+            "`train_all.sh calibrate`)"]
 
 
 def _withheld_lines(header):
@@ -255,24 +297,24 @@ def _teacher_student_lines(entries):
             *rows, ""]
 
 
-def _liver_unlabelled_lines(cmp):
-    per_case = ", ".join(f"{c.rsplit('_', 1)[-1]} {cmp['dice_with'][c]:.3f}/{cmp['dice_without'][c]:.3f}"
+def _liver_comparison_lines(cmp):
+    heading, change, shipped_row, variant_row = LIVER_COMPARISONS[cmp["role"]]
+    per_case = ", ".join(f"{c.rsplit('_', 1)[-1]} {cmp['dice_shipped'][c]:.3f}/{cmp['dice_variant'][c]:.3f}"
                          for c in cmp["cases"])
     folds = lambda key: ", ".join("n/a" if v is None else f"{v:.3f}" for v in cmp.get(key, []))  # noqa: E731
-    return ["## Liver: distillation on unlabelled CTs of another hospital", "",
-            "The liver student of each cross-validation fold distilled with and without the seven unlabelled "
-            "contrast CTs of HCC-TACE-Seg (another hospital; a quarter of each batch, learnt from the teacher "
-            "alone), same teacher, recipe, budget and seed (`train_all.sh liver_student` and "
-            "`liver_student_no_unlabelled`). Liver Dice on the nine cross-validation cases, and of each fold's "
-            "student on the TotalSegmentator example CT (a third hospital; its reference is that model's output).", "",
+    return [f"## {heading}", "",
+            f"The liver student of each cross-validation fold {change}; all else equal (teacher, recipe, budget, "
+            f"seed: `train_all.sh liver_student` and `liver_{cmp['role']}`). Liver Dice on the nine "
+            "cross-validation cases, and of each fold's student on the TotalSegmentator example CT (a third "
+            "hospital; its reference is that model's output).", "",
             "| student | cross-validation Dice | TotalSegmentator example, fold 0, 1, 2 |", "|---|---|---|",
-            f"| with the unlabelled CTs (shipped recipe) | {cmp['mean_with']:.3f} | {folds('other_hospital_with')} |",
-            f"| without them | {cmp['mean_without']:.3f} | {folds('other_hospital_without')} |", "",
-            f"Cross-validation difference per case: {100 * cmp['mean_difference']:+.1f} ± "
-            f"{100 * cmp['sd_difference']:.1f} points (with/without: {per_case}).", ""]
+            f"| {shipped_row} | {cmp['mean_shipped']:.3f} | {folds('other_hospital_shipped')} |",
+            f"| {variant_row} | {cmp['mean_variant']:.3f} | {folds('other_hospital_variant')} |", "",
+            f"Cross-validation difference per case, shipped minus comparison: {100 * cmp['mean_difference']:+.1f} ± "
+            f"{100 * cmp['sd_difference']:.1f} points ({shipped_row.split(' (')[0]}/{variant_row}: {per_case}).", ""]
 
 
-def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liver_unlabelled=None):
+def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liver_comparisons=None):
     lines = ["# Model cards", "",
              "Generated by `python scripts/evaluate_models.py --data DATA_ROOT --runs RUNS_DIR` from the model files "
              "in this folder; nothing here is typed by hand. Accuracy is on data the model never saw in training "
@@ -280,8 +322,9 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liv
              "over cases. Speed: see `benchmarks/results/benchmarks.md`.", "",
              "All models were trained on a 2-core CPU (no GPU) with short time budgets: "
              "`bash scripts/train_all.sh all DATA_ROOT OUT` (DATA_ROOT holds the datasets or their "
-             "`kdseg prepare` caches: RadCT, HCC_TACE, LIDC, DRIVE, CHASE). The exact command of each model is "
-             "below and in its file (`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters "
+             "`kdseg prepare` caches: RadCT, HCC_TACE, LIDC; DRIVE_CHASE and HRF_unlabelled from "
+             "`scripts/retina_sets.py`). The exact command of each model is below and in its file "
+             "(`kdseg models show NAME`). The 2D teachers were shrunk to about 2M parameters "
              "to train on a CPU; with a GPU, raise the budgets (MINUTES_SCALE) and the teachers' width.", "",
              "Liver: nine cases are few, so the accuracy reported is a 3-fold cross-validation by case "
              "(`train_all.sh liver_cv 0 1 2`: each fold's teacher and student are trained on six cases and never "
@@ -366,17 +409,25 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liv
                                 "student stays the KD student." if abs(diff) < 1.0 else "."))
         lines += [""] + notes + [""]
     lines += _teacher_student_lines(entries)
-    if liver_unlabelled:
-        lines += _liver_unlabelled_lines(liver_unlabelled)
+    for cmp in (liver_comparisons or {}).values():
+        lines += _liver_comparison_lines(cmp)
     if local:
-        lines += ["## Local distillation (retina, CHASE_DB1 without its labels)", "",
-                  "The shipped retina student was distilled further on the 20 CHASE_DB1 training photographs with "
-                  "their labels hidden (`kdseg distill --unlabelled ... --init retina_student`), then evaluated on "
-                  "the 8 CHASE_DB1 test photographs.", "",
-                  "| model | CHASE_DB1 test Dice | AUC |", "|---|---|---|"]
+        lines += ["## Local distillation at a new site (retina, HRF without its labels)", "",
+                  "HRF (Canon CR-1) plays a hospital with its own camera. The shipped retina student was distilled "
+                  "further from the shipped teacher on the 24 photographs of HRF's training half with their labels "
+                  "hidden, half of each batch, the labelled training photographs the other half (`train_all.sh "
+                  "local_distill`: `kdseg distill --unlabelled ... --init retina_student`, 12 CPU minutes), then "
+                  "evaluated on the 21 photographs of HRF's test half, which it never saw.", "",
+                  "| model | HRF test half Dice | precision | recall | AUC |", "|---|---|---|---|---|"]
+        dice = []
         for name, res in local.items():
             lab = next(iter(res["mean"]))
-            lines.append(f"| {name} | {_fmt(*_mean(res, lab, 'dice')[:2])} | {_fmt(_mean(res, lab, 'auc')[0])} |")
+            dice.append(_mean(res, lab, "dice")[0])
+            lines.append(f"| {name} | {_fmt(*_mean(res, lab, 'dice')[:2])} | {_fmt(_mean(res, lab, 'precision')[0])} "
+                         f"| {_fmt(_mean(res, lab, 'recall')[0])} | {_fmt(_mean(res, lab, 'auc')[0])} |")
+        if len(dice) == 2 and None not in dice:
+            lines += ["", f"Local distillation: {100 * (dice[1] - dice[0]):+.1f} Dice points on the new site's "
+                          "held-out photographs (bar: +2)."]
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -439,24 +490,27 @@ def main(argv=None):
                 res["title"] = EVALS[task][0][0]
                 full_budget[task] = res
                 print(f"labels only {task}: {next(iter(res['mean'].values()))['dice']['mean']:.4f}", flush=True)
-        local_model = args.runs / "retina_student_local_chase.kdseg.pt"
+        local_model = args.runs / "retina_student_local_hrf.kdseg.pt"
         if local_model.is_file():
             for name, f in (("retina_student (shipped)", args.models / "retina_student.kdseg.pt"),
-                            ("retina_student + local distillation on CHASE_DB1 (unlabelled)", local_model)):
-                local[name] = evaluate_dataset("retina", str(args.data / "retina/CHASE_DB1"), model=str(f),
-                                               device="cpu", split="test", threads=args.threads)
-    liver_unlabelled = None
+                            ("retina_student + local distillation on HRF (unlabelled)", local_model)):
+                local[name] = evaluate_dataset("retina", str(args.data / "retina/HRF"), model=str(f), device="cpu",
+                                               split="all", threads=args.threads,
+                                               case_ids=hrf_test_ids(args.data / "retina"))
+    liver_comparisons = {}
     liver_cv = [r for e in entries if e["name"] == "liver_student" for r in e["evaluations"]
                 if r.get("split") == "3-fold cross-validation"]
-    if args.runs and liver_cv:
-        liver_unlabelled = liver_unlabelled_comparison(liver_cv[0], args.data, args.runs, args.threads)
+    for role in LIVER_COMPARISONS if args.runs and liver_cv else ():
+        cmp = liver_student_comparison(liver_cv[0], role, args.data, args.runs, args.threads)
+        if cmp:
+            liver_comparisons[role] = cmp
     if args.reuse:  # sections whose runs are not at hand keep their committed numbers
         stored = json.loads((args.models / "evaluation.json").read_text(encoding="utf-8"))
-        if not ablations:
-            ablations, budgets = stored.get("ablation", {}), stored.get("ablation_minutes_per_run", {})
-        full_budget = full_budget or stored.get("labels_only_full_budget", {})
+        ablations = {**stored.get("ablation", {}), **ablations}   # per task: a task's new runs replace its old
+        budgets = {**stored.get("ablation_minutes_per_run", {}), **budgets}
+        full_budget = {**stored.get("labels_only_full_budget", {}), **full_budget}
         local = local or {k: {"mean": v} for k, v in stored.get("local_distillation", {}).items()}
-        liver_unlabelled = liver_unlabelled or stored.get("liver_unlabelled")
+        liver_comparisons = {**stored.get("liver_comparisons", {}), **liver_comparisons}
     for e in entries:
         path = args.models / f"{e['name']}.kdseg.pt"
         if not args.no_update:
@@ -476,9 +530,9 @@ def main(argv=None):
                "ablation": ablations, "ablation_minutes_per_run": budgets,
                "labels_only_full_budget": {k: {"title": v["title"], "mean": v["mean"]} for k, v in full_budget.items()},
                "local_distillation": {k: v["mean"] for k, v in local.items()},
-               "liver_unlabelled": liver_unlabelled}
+               "liver_comparisons": liver_comparisons}
     write_json(args.models / "evaluation.json", summary)
-    cards = card_markdown(entries, ablations, local, budgets, full_budget, liver_unlabelled)
+    cards = card_markdown(entries, ablations, local, budgets, full_budget, liver_comparisons)
     (args.models / "MODEL_CARDS.md").write_text(cards, encoding="utf-8")
     print(f"wrote {args.models / 'MODEL_CARDS.md'}")
     return 0

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import REPO, require
-from KDSegmentationLib.evaluation.calibrate import calibrate, dice_at_thresholds, store_threshold
+from KDSegmentationLib.evaluation.calibrate import calibrate, choose_threshold, dice_at_thresholds, store_threshold
 from KDSegmentationLib.cli.main import main
 from KDSegmentationLib.errors import InputError
 from KDSegmentationLib.models.files import load_model, read_header
@@ -36,6 +36,23 @@ def test_dice_at_thresholds_counts_only_inside_the_mask_and_the_selected_part():
     np.testing.assert_allclose(dice_at_thresholds(prob, ref, [0.3], mask=mask), [1.0])
     only_first = lambda fg: np.array([[fg[0, 0], 0, 0, 0]])  # noqa: E731
     np.testing.assert_allclose(dice_at_thresholds(prob, ref, [0.3], select=only_first), [2 / 3])
+
+
+def test_one_standard_error_rule_keeps_0_5_on_a_flat_curve_and_moves_for_a_clear_gain():
+    thresholds = [0.3, 0.4, 0.5, 0.6]
+    # six cases that vary by about 0.02: the top at 0.3 beats 0.5 by 0.004, well inside one standard error
+    spread = np.array([-0.02, 0.01, 0.02, -0.01, 0.0, 0.015])[:, None]
+    flat = np.array([0.810, 0.808, 0.806, 0.790]) + spread
+    mean, best, se = choose_threshold(flat, thresholds)
+    assert thresholds[int(np.argmax(mean))] == 0.3 and 0.004 < se and thresholds[best] == 0.5
+    # the same cases with 0.3 better by 0.05 on every one: beyond the error, so 0.3 is taken
+    clear = np.array([0.85, 0.80, 0.80, 0.79]) + spread
+    assert thresholds[choose_threshold(clear, thresholds)[1]] == 0.3
+    # within the error but on the far side of 0.5: the nearest to 0.5 wins, not the top
+    far = np.array([0.700, 0.801, 0.806, 0.810]) + spread
+    assert thresholds[choose_threshold(far, thresholds)[1]] == 0.5
+    # one case: no error estimate, the top is taken
+    assert thresholds[choose_threshold(np.array([[0.7, 0.9, 0.8, 0.6]]), thresholds)[1]] == 0.4
 
 
 def test_calibrate_refuses_what_it_cannot_calibrate(tmp_path):
