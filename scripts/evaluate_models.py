@@ -54,6 +54,7 @@ EVALS = {
          "same recipe"),
     ],
 }
+MAX_CASES_KEPT = 40   # evaluations with more cases keep their means only (in the model files and evaluation.json)
 # the original dataset holding each task's validation cases (kdseg calibrate); retina's are in DRIVE_CHASE, a folder
 # of links made by scripts/retina_sets.py
 CALIBRATION_DATA = {"retina": "DRIVE_CHASE", "lung_nodule": "lung/LIDC-IDRI-slices"}
@@ -225,6 +226,14 @@ def evaluate_model(task, path, data_root, threads, header, runs=None):
         print(f"{path.name:34s} {title[:60]:60s} {time.perf_counter() - t0:6.1f}s", flush=True)
         out.append(res)
     return out
+
+
+def _compact(result, max_cases=MAX_CASES_KEPT):
+    """An evaluation without its per-case list when it has more than ``max_cases`` cases: the cards use per-case
+    numbers only for the liver (nine cases), and hundreds of nodules would make each model file mostly metadata."""
+    if len(result.get("cases", [])) <= max_cases:
+        return result
+    return {k: v for k, v in result.items() if k != "cases"}
 
 
 def _fmt(v, sd=None, pct=False):
@@ -463,7 +472,8 @@ def main(argv=None):
                     extra = totalsegmentator_example(path, args.data, args.threads)
                     if extra:
                         evals.append(extra)
-            entries.append({"name": path.name[:-len(".kdseg.pt")], "header": header, "evaluations": evals})
+            entries.append({"name": path.name[:-len(".kdseg.pt")], "header": header,
+                            "evaluations": [_compact(r) for r in evals]})
     ablations, local, budgets, full_budget = {}, {}, {}, {}
     if args.runs:
         for task in ("retina", "lung_nodule"):
