@@ -180,21 +180,26 @@ def build_criterion(cfg: TrainConfig, task: TaskSpec, student: nn.Module, teache
 
 def weaker_teacher_warning(teacher_header: Optional[Dict[str, Any]],
                            student_header: Optional[Dict[str, Any]]) -> Optional[str]:
-    """A warning when the teacher's card records a lower held-out Dice than the starting student's on the same
-    evaluation (the first one both cards hold, mean over labels): local distillation from it is expected to make the
-    student worse (measured at a new camera in docs/new_site_hrf.md). None when the cards do not tell."""
+    """A warning when the teacher's card records a lower held-out Dice than the starting student's, averaged over
+    the evaluations both cards hold (each the mean over labels): local distillation from it is expected to make the
+    student worse (measured at a new camera in docs/new_site_hrf.md). One set alone would let a tie on the
+    training camera decide against a teacher that is better on every other. None when the cards do not tell."""
     def scores(header):
         evals = ((header or {}).get("card") or {}).get("evaluation") or []
         return {e["title"]: float(np.mean([m["dice"]["mean"] for m in e["mean"].values()])) for e in evals
                 if e.get("mean")}
 
     teacher, student = scores(teacher_header), scores(student_header)
-    title = next((t for t in teacher if t in student), None)
-    if title is None or teacher[title] >= student[title]:
+    common = [t for t in teacher if t in student]
+    if not common:
         return None
-    return (f"the teacher scored Dice {teacher[title]:.3f} on {title}, below the starting student's "
-            f"{student[title]:.3f}: it has less to teach than the student knows, and distilling from it is expected "
-            "to make the student worse; choose a stronger teacher (or an ensemble)")
+    t_mean, s_mean = (float(np.mean([d[t] for t in common])) for d in (teacher, student))
+    if t_mean >= s_mean:
+        return None
+    sets = common[0] if len(common) == 1 else f"{len(common)} held-out sets"
+    return (f"the teacher scored Dice {t_mean:.3f} on {sets}, below the starting student's {s_mean:.3f}: it has "
+            "less to teach than the student knows, and distilling from it is expected to make the student worse; "
+            "choose a stronger teacher (or an ensemble)")
 
 
 def build_distiller(cfg: TrainConfig, task: TaskSpec, device: torch.device, log=None):
