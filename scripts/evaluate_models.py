@@ -5,9 +5,9 @@
 
 DATA_ROOT holds the original datasets: retina/DRIVE, retina/CHASE_DB1, retina/HRF, lung/LIDC-IDRI-slices,
 lung/LIDC-IDRI_c2c_slabs, lung/LIDC-IDRI-slices_0251-0500, liver/RadCTTACEomics. RUNS_DIR is the output folder of
-``scripts/train_all.sh``: its ablation runs and the locally distilled retina student are evaluated too. Writes ``<models>/evaluation.json``,
-``<models>/MODEL_CARDS.md``, and stores each shipped model's held-out metrics in its file's card (same weights,
-new checksum).
+``scripts/train_all.sh``: its ablation runs and the locally distilled retina student are evaluated too. Writes
+``<models>/evaluation.json``, ``<models>/MODEL_CARDS.md``, and stores each shipped model's held-out metrics in its
+file's card (same weights, new checksum).
 """
 from __future__ import annotations
 
@@ -133,10 +133,12 @@ def _per_case_dice(result, label="Liver"):
 
 
 def _fold_ts_dice(role, data_root, runs, threads, folds=3):
-    """Liver Dice of each fold model on the TotalSegmentator example CT (another hospital)."""
+    """Liver Dice of each fold model on the TotalSegmentator example CT (another hospital); None for a fold whose
+    model is missing."""
     out = []
     for k in range(folds):
-        res = totalsegmentator_example(runs / "liver_cv" / f"fold{k}" / f"liver_{role}.kdseg.pt", data_root, threads)
+        path = runs / "liver_cv" / f"fold{k}" / f"liver_{role}.kdseg.pt"
+        res = totalsegmentator_example(path, data_root, threads) if path.is_file() else None
         out.append(res["cases"][0]["metrics"]["Liver"]["dice"] if res else None)
     return out
 
@@ -158,10 +160,11 @@ LIVER_COMPARISONS = {
 }
 
 
-def liver_student_comparison(shipped_cv, role, data_root, runs, threads):
+def liver_student_comparison(shipped_cv, shipped_ts, role, data_root, runs, threads):
     """The liver student's cross-validation (``shipped_cv``) against a comparison student of each fold trained with
     one change (``RUNS/liver_cv/fold<k>/liver_<role>.kdseg.pt``, :data:`LIVER_COMPARISONS`): per-case Dice of both,
-    and each fold model's Dice on the TotalSegmentator example CT; None when the comparison models are missing."""
+    and each fold model's Dice on the TotalSegmentator example CT (the shipped fold students': ``shipped_ts``, from
+    :func:`_fold_ts_dice`); None when the comparison models are missing."""
     other = cross_validation("liver", role, data_root, runs, threads)
     if not (other and shipped_cv):
         return None
@@ -170,7 +173,7 @@ def liver_student_comparison(shipped_cv, role, data_root, runs, threads):
     return {"role": role, "cases": sorted(shipped), "dice_shipped": shipped, "dice_variant": variant,
             "mean_shipped": statistics.mean(shipped.values()), "mean_variant": statistics.mean(variant.values()),
             "mean_difference": statistics.mean(diffs), "sd_difference": statistics.stdev(diffs),
-            "other_hospital_shipped": _fold_ts_dice("student", data_root, runs, threads),
+            "other_hospital_shipped": shipped_ts,
             "other_hospital_variant": _fold_ts_dice(role, data_root, runs, threads)}
 
 
@@ -255,10 +258,10 @@ def _threshold_line(header):
         return [f"- decision threshold: {cal['best_threshold']} — the best mean Dice on its {cal['n_cases']} "
                 f"validation cases, {cal['best_dice']:.3f}{at_half} (`kdseg calibrate`, `train_all.sh calibrate`)"]
     top_t = max(by_t, key=lambda t: by_t[t])
-    return [f"- decision threshold: {cal['best_threshold']} — mean Dice {cal['best_dice']:.3f} on its {cal['n_cases']} "
-            f"validation cases; the top is {cal['top_dice']:.3f} at {top_t}, standard error {cal['standard_error']:.3f}: "
-            "the threshold nearest 0.5 within one standard error of the top is kept (`kdseg calibrate`, "
-            "`train_all.sh calibrate`)"]
+    return [f"- decision threshold: {cal['best_threshold']} — mean Dice {cal['best_dice']:.3f} on its "
+            f"{cal['n_cases']} validation cases; the top is {cal['top_dice']:.3f} at {top_t}, standard error "
+            f"{cal['standard_error']:.3f}: the threshold nearest 0.5 within one standard error of the top is kept "
+            "(`kdseg calibrate`, `train_all.sh calibrate`)"]
 
 
 def _withheld_lines(header):
@@ -431,8 +434,9 @@ def card_markdown(entries, ablations, local, budgets=None, full_budget=None, liv
         dice = []
         for name, res in local.items():
             lab = next(iter(res["mean"]))
-            dice.append(_mean(res, lab, "dice")[0])
-            lines.append(f"| {name} | {_fmt(*_mean(res, lab, 'dice')[:2])} | {_fmt(_mean(res, lab, 'precision')[0])} "
+            mean, sd, _ = _mean(res, lab, "dice")
+            dice.append(mean)
+            lines.append(f"| {name} | {_fmt(mean, sd)} | {_fmt(_mean(res, lab, 'precision')[0])} "
                          f"| {_fmt(_mean(res, lab, 'recall')[0])} | {_fmt(_mean(res, lab, 'auc')[0])} |")
         if len(dice) == 2 and None not in dice:
             lines += ["", f"Local distillation: {100 * (dice[1] - dice[0]):+.1f} Dice points on the new site's "
@@ -510,8 +514,9 @@ def main(argv=None):
     liver_comparisons = {}
     liver_cv = [r for e in entries if e["name"] == "liver_student" for r in e["evaluations"]
                 if r.get("split") == "3-fold cross-validation"]
-    for role in LIVER_COMPARISONS if args.runs and liver_cv else ():
-        cmp = liver_student_comparison(liver_cv[0], role, args.data, args.runs, args.threads)
+    shipped_ts = _fold_ts_dice("student", args.data, args.runs, args.threads) if args.runs and liver_cv else None
+    for role in LIVER_COMPARISONS if shipped_ts is not None else ():
+        cmp = liver_student_comparison(liver_cv[0], shipped_ts, role, args.data, args.runs, args.threads)
         if cmp:
             liver_comparisons[role] = cmp
     if args.reuse:  # sections whose runs are not at hand keep their committed numbers

@@ -8,7 +8,7 @@
 # STEP: all, or one of retina_teacher, lung_nodule_teacher, retina_student, lung_nodule_student, liver (the shipped
 # pair, all nine cases), liver_cv FOLD..., liver_teacher FOLD|all...,
 # liver_student[_no_unlabelled|_instance_norm] FOLD|all...,
-# ablation TASK, local_distill (teachers before their students), calibrate ORIGINAL_DATA_ROOT (decision
+# ablation TASK, local_distill (after the students), calibrate ORIGINAL_DATA_ROOT (decision
 # thresholds of the 2D models; 'all' reads it from $ORIGINAL_DATA), labels_only TASK (the full-budget
 # comparison without the teacher).
 # DATA_ROOT holds each dataset or its prepared cache ('kdseg prepare'): RadCT (RadCTTACEomics case folders), HCC_TACE
@@ -23,7 +23,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH="$HERE/KDSegmentation${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 mkdir -p "$OUT"
 if [ "$STEP" = all ]; then   # checked now rather than after the training
-  : "${ORIGINAL_DATA:?set ORIGINAL_DATA to the folder holding retina/DRIVE and lung/LIDC-IDRI-slices}"
+  : "${ORIGINAL_DATA:?set ORIGINAL_DATA to the folder holding lung/LIDC-IDRI-slices}"
 fi
 m() { python3 -c "print(round($1*$SCALE, 3))"; }
 kd() { local log=$1; shift; python3 -m KDSegmentationLib "$@" --device "$DEVICE" --progress json \
@@ -119,10 +119,12 @@ local_distill() {   # local distillation: the shipped retina student adapts to a
      --unlabelled-fraction 0.5 --init "$OUT/retina_student.kdseg.pt" --teacher "$OUT/retina_teacher.kdseg.pt" \
      $STORED --max-minutes "$(m 12)" --lr 5e-4 --output "$OUT/retina_student_local_hrf.kdseg.pt"
 }
-calibrate() {   # ORIGINAL_DATA_ROOT (retina/DRIVE, lung/LIDC-IDRI-slices): decision thresholds on each model's
-  # validation cases, through the same pipeline as kdseg segment (hence the original datasets, not the caches)
+calibrate() {   # ORIGINAL_DATA_ROOT (lung/LIDC-IDRI-slices): decision thresholds on each model's validation cases,
+  # through the same pipeline as kdseg segment (hence the original datasets, not the caches); the retina models'
+  # are in DRIVE_CHASE, links to the originals. The locally distilled student too, when it is there.
   local orig=${1:?original data root}
-  for m in retina_teacher retina_student; do   # their validation cases are in DRIVE_CHASE, links to the originals
+  for m in retina_teacher retina_student retina_student_local_hrf; do
+    [ -f "$OUT/$m.kdseg.pt" ] || continue
     python3 -m KDSegmentationLib calibrate --model "$OUT/$m.kdseg.pt" --data "$DATA/DRIVE_CHASE" \
       > "$OUT/calibrate_$m.json"
   done
